@@ -1,0 +1,47 @@
+"""nbgrader configuration for the course.
+
+Every path is relative to this file, so the course works wherever the
+repository is cloned. Environment variables let the demo and the tests point
+the gradebook and the exchange at temporary folders.
+"""
+
+import os
+from pathlib import Path
+
+c = get_config()  # noqa: F821  (provided by nbgrader when it loads this file)
+
+COURSE_ROOT = Path(__file__).resolve().parent
+
+c.CourseDirectory.course_id = "lm-mechanics"
+c.CourseDirectory.root = str(COURSE_ROOT)
+
+# Gradebook: SQLite in the course directory unless COURSE_DB_URL says otherwise
+# (for example postgresql://user@host/gradebook for a shared server).
+c.CourseDirectory.db_url = os.environ.get(
+    "COURSE_DB_URL", f"sqlite:///{COURSE_ROOT / 'gradebook.db'}"
+)
+
+# Exchange: where released assignments and submissions travel between the
+# instructor and the students. The demo points COURSE_EXCHANGE at a
+# temporary folder; a shared JupyterHub would use /srv/nbgrader/exchange.
+c.Exchange.root = os.environ.get("COURSE_EXCHANGE", str(COURSE_ROOT / "exchange"))
+c.Exchange.path_includes_course = True
+
+# Files never copied into a release or a submission.
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__"]
+
+# Execution: a cell that runs longer than two minutes is interrupted and
+# scores zero; the rest of the notebook is still graded.
+c.Execute.timeout = 120
+c.Execute.interrupt_on_timeout = True
+
+# What students see in place of the reference answers.
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+c.ClearSolutions.enforce_metadata = True
+
+# Learning platform import: files named like "jdoe_01_get_set_input_embeddings_get_set_input_embeddings.ipynb"
+c.ZipCollectApp.archive_directory = "downloaded"
+c.FileNameCollectorPlugin.named_regexp = (
+    r"^(?P<student_id>[a-z0-9]+)__(?P<file_id>.+\.ipynb)$"
+)
