@@ -1,0 +1,140 @@
+"""The harness: every notebook in source/ follows the contract and grades as it should.
+
+For each notebook: the lint rules of docs/authoring.md, a release/ that is
+exactly what ``nbgrader generate_assignment`` makes today, no leak of
+solutions or hidden tests, full marks for the reference under real
+``nbgrader autograde``, zero for the release, and a loss of points for every
+mutant in tests/mutants/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from course.grading.check import all_assignments, release_differences
+from course.grading.lint import lint_assignment_files, lint_release, lint_source
+from course.grading.mutants import load_mutants
+from course.grading.notebooks import answer_cells, read_notebook
+from course.grading.workspace import clean_env
+from course.paths import RELEASE_DIR, SOURCE_DIR, source_notebooks
+
+ASSIGNMENTS = all_assignments()
+NOTEBOOKS = [(a, p.stem) for a in ASSIGNMENTS for p in source_notebooks(a)]
+NB_IDS = [f"{a}/{n}" for a, n in NOTEBOOKS]
+MUTANTS = [m for a, n in NOTEBOOKS for m in load_mutants(a, n)]
+
+grading = pytest.mark.grading
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "source/ holds no notebook"
+
+
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_source_notebook_follows_the_contract(assignment, notebook):
+    problems = lint_source(SOURCE_DIR / assignment / f"{notebook}.ipynb")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_assignment_folder_releases_no_solution(assignment):
+    problems = lint_assignment_files(SOURCE_DIR / assignment)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_release_leaks_no_solution_or_hidden_test(assignment, notebook):
+    problems = lint_release(SOURCE_DIR / assignment / f"{notebook}.ipynb", RELEASE_DIR / assignment / f"{notebook}.ipynb")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_every_answer_cell_has_a_mutant(assignment, notebook):
+    nb = read_notebook(SOURCE_DIR / assignment / f"{notebook}.ipynb")
+    cells = {c.grade_id for c in answer_cells(nb)}
+    covered = {m.cell for m in load_mutants(assignment, notebook)}
+    assert not (covered - cells), f"mutants name cells that are not answer cells: {sorted(covered - cells)}"
+    assert cells <= covered, f"answer cells without a mutant: {sorted(cells - covered)}"
+
+
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_mutant_names_are_unique(assignment, notebook):
+    names = [(m.cell, m.name) for m in load_mutants(assignment, notebook)]
+    assert len(names) == len(set(names)), "two mutants of one cell share a name"
+
+
+@grading
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_release_is_what_generate_assignment_makes_today(course_report, assignment):
+    diffs = release_differences(course_report.workspace / "release" / assignment, RELEASE_DIR / assignment)
+    assert not diffs, (f"release/{assignment} is stale in {diffs}; "
+                       f"run: python -m course.grading release {assignment}")
+
+
+@grading
+def test_nbgrader_graded_every_submission(course_report):
+    assert not course_report.errors, f"nbgrader autograde itself failed for: {sorted(course_report.errors)}"
+
+
+@grading
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_reference_earns_full_marks(course_report, assignment, notebook):
+    r = course_report.find(assignment, notebook)
+    assert r.reference is not None, "reference was not graded"
+    got = r.reference.auto_total(set(r.test_ids))
+    assert got == r.autograded_max, f"reference earns {got}/{r.autograded_max}; lost in {r.lost_in(r.reference)}"
+
+
+@grading
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_release_earns_zero(course_report, assignment, notebook):
+    r = course_report.find(assignment, notebook)
+    assert r.release is not None, "release was not graded"
+    got = r.release.auto_total(set(r.test_ids))
+    passing = [g for g in r.test_ids if g not in r.lost_in(r.release)]
+    assert got == 0, f"the unanswered release earns {got} points, in {passing}"
+
+
+@grading
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.key for m in MUTANTS])
+def test_mutant_loses_points(course_report, mutant):
+    r = course_report.find(mutant.assignment, mutant.notebook)
+    score = next((s for m, s in r.mutants if m == mutant), None)
+    assert score is not None, "mutant was not graded"
+    got = score.auto_total(set(r.test_ids))
+    assert got < r.autograded_max, f"mutant {mutant.name!r} ({mutant.why}) earns full marks {got}/{r.autograded_max}"
+
+
+def _validate(path: Path, invert: bool) -> str:
+    args = [sys.executable, "-m", "nbgrader", "validate", str(path)] + (["--invert"] if invert else [])
+    proc = subprocess.run(args, capture_output=True, text=True, env=clean_env(), cwd=path.parent)
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def validate_reports():
+    """``nbgrader validate`` on each source notebook and ``--invert`` on each release notebook."""
+    jobs = [(a, n, SOURCE_DIR / a / f"{n}.ipynb", False) for a, n in NOTEBOOKS]
+    jobs += [(a, n, RELEASE_DIR / a / f"{n}.ipynb", True) for a, n in NOTEBOOKS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outs = list(pool.map(lambda j: _validate(j[2], j[3]), jobs))
+    return {(a, n, inv): out for (a, n, _, inv), out in zip(jobs, outs)}
+
+
+@grading
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_nbgrader_validate_passes_on_source(validate_reports, assignment, notebook):
+    out = validate_reports[(assignment, notebook, False)]
+    assert "Success! Your notebook passes all the tests." in out, out[-3000:]
+
+
+@grading
+@pytest.mark.parametrize("assignment,notebook", NOTEBOOKS, ids=NB_IDS)
+def test_nbgrader_validate_invert_passes_on_release(validate_reports, assignment, notebook):
+    out = validate_reports[(assignment, notebook, True)]
+    assert "Success! The notebook does not pass any tests." in out, out[-3000:]
