@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from course.grading.mutants import Mutant, apply_mutant, load_mutants
-from course.grading.notebooks import answer_cells, read_notebook, test_cells, tests_after
+from course.grading.notebooks import answer_cells, read_notebook, test_cells
 from course.grading.workspace import NotebookScore, Submission, Timer, Workspace
 from course.paths import RELEASE_DIR, SOURCE_DIR, source_notebooks
 

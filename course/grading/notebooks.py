@@ -83,7 +83,7 @@ def autograded_points(nb: nbformat.NotebookNode) -> float:
     return sum(c.points for c in test_cells(nb))
 
 
-def tests_after(nb: nbformat.NotebookNode, answer_grade_id: str) -> list[str]:
+def checks_after(nb: nbformat.NotebookNode, answer_grade_id: str) -> list[str]:
     """grade_ids of the test cells between an answer cell and the next answer cell."""
     cells = cells_of(nb)
     out: list[str] = []
