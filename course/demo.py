@@ -135,21 +135,37 @@ def run(workdir: Path, assignments: list[str]) -> list[dict]:
     return rows
 
 
+def autograded_max(assignment: str) -> float:
+    """Points of an assignment's test cells (written answers and tasks are graded by hand)."""
+    from course.grading.notebooks import autograded_points
+    from course.paths import source_notebooks
+
+    return sum(autograded_points(read_notebook(p)) for p in source_notebooks(assignment))
+
+
 def print_table(rows: list[dict], assignments: list[str]) -> None:
-    scores: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    scores: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        scores[r["student_id"]][r["assignment"]] = (float(r["raw_score"] or 0), float(r["max_score"] or 0))
-    width = max(len(a) for a in assignments)
-    print("\nGrades (autograded points; written answers wait for a person)\n")
-    header = f"{'assignment':<{width}}  " + "  ".join(f"{s:>13}" for s in STUDENTS)
+        scores[r["student_id"]][r["assignment"]] = float(r["raw_score"] or 0)
+    width = max([len(a) for a in assignments] + [len("total")])
+    print("\nAutograded points per student and assignment "
+          "(written answers and plots wait for a person in the formgrader)\n")
+    header = f"{'assignment':<{width}}  {'max':>6}  " + "  ".join(f"{s:>8}" for s in STUDENTS)
     print(header)
     print("-" * len(header))
+    totals = defaultdict(float)
+    total_max = 0.0
     for a in assignments:
+        mx = autograded_max(a)
+        total_max += mx
         cells = []
         for s in STUDENTS:
-            got, mx = scores.get(s, {}).get(a, (0.0, 0.0))
-            cells.append(f"{got:6.1f}/{mx:<6.1f}")
-        print(f"{a:<{width}}  " + "  ".join(f"{c:>13}" for c in cells))
+            got = scores.get(s, {}).get(a, 0.0)
+            totals[s] += got
+            cells.append(f"{got:8.1f}")
+        print(f"{a:<{width}}  {mx:6.1f}  " + "  ".join(cells))
+    print("-" * len(header))
+    print(f"{'total':<{width}}  {total_max:6.1f}  " + "  ".join(f"{totals[s]:8.1f}" for s in STUDENTS))
 
 
 def main(argv: list[str] | None = None) -> int:
