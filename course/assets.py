@@ -58,7 +58,7 @@ TOKENIZER_VOCAB_SIZE = 1024
 THINKER_TINY_CONFIG = dict(
     vocab_size=TOKENIZER_VOCAB_SIZE,
     n_layers=2,
-    d_model=128,
+    d_model=96,
     n_heads=4,
     d_ff=256,
     dropout=0.0,
@@ -69,17 +69,17 @@ THINKER_TINY_CONFIG = dict(
 # How it is trained (AdamW, linear warm-up then cosine decay, random windows of the corpus).
 TRAIN_CONFIG = dict(
     seed=0,
-    steps=600,
-    batch_size=16,
+    steps=300,
+    batch_size=8,
     seq_len=128,
     lr=3e-3,
     min_lr_ratio=0.1,
-    warmup_steps=40,
+    warmup_steps=30,
     weight_decay=0.1,
     grad_clip=1.0,
-    eval_every=100,
+    eval_every=50,
     val_fraction=0.05,
-    threads=2,
+    threads=1,  # deterministic, and fastest on a shared 2-core machine
 )
 
 
@@ -175,7 +175,7 @@ def train_thinker(tokenizer_path, out_path, model_config: dict | None = None, tr
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=tc["steps"], desc="training thinker_tiny", file=sys.stderr, leave=False)
+            bar = tqdm(total=tc["steps"], desc="training thinker_tiny", file=sys.stderr, mininterval=1.0)
         model.train()
         for step in range(1, tc["steps"] + 1):
             starts = torch.randint(0, len(train_ids) - seq_len - 1, (tc["batch_size"],), generator=gen)

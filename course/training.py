@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +109,14 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    # Serialise to memory first: torch.save names the archive's root folder after
+    # the file, so saving straight to the temporary name would put that name
+    # (and the process id in it) into the bytes.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
