@@ -16,8 +16,8 @@ file                      committed  what it is
 The three small files are committed and only rebuilt when missing or with
 ``--force``. The checkpoint (a few MB) is generated at setup and ignored by git;
 it is rebuilt when it is missing or older than one of its inputs (the corpus,
-the tokenizer, or the code of the model, the training utilities or this
-module). When ``release/04_hands_on_exercises/`` exists, the assets are also
+the tokenizer, or the code of the model, the tokenizer, the training
+utilities, the corpus reader or this module). When ``release/04_hands_on_exercises/`` exists, the assets are also
 copied into its ``assets/`` folder, so the student version holds what its
 notebooks load.
 
@@ -254,7 +254,8 @@ def build(out_dir=HANDS_ON_ASSETS, force: bool = False, progress: bool = True, r
     step(TOKENIZER_NAME,
          lambda p: BPETokenizer.train(CORPUS_PATH, p.with_suffix(""), TOKENIZER_VOCAB_SIZE), exists)
 
-    ckpt_inputs = [out_dir / TOKENIZER_NAME, CORPUS_PATH, here / "thinker.py", here / "training.py", here / "assets.py"]
+    ckpt_inputs = [out_dir / TOKENIZER_NAME, CORPUS_PATH, here / "thinker.py", here / "training.py",
+                   here / "tokenizer.py", here / "data" / "__init__.py", here / "assets.py"]
 
     def make_ckpt(path):
         s = train_thinker(out_dir / TOKENIZER_NAME, path, model_config, train_config, progress=progress)

@@ -137,7 +137,14 @@ class Block(nn.Module):
 
 
 class ThinkerLM(nn.Module):
-    """A decoder-only language model: ``model(input_ids)`` or ``model(inputs_embeds=x)`` -> logits."""
+    """A decoder-only language model: ``model(input_ids)`` or ``model(inputs_embeds=x)`` -> logits.
+
+    Attributes: ``config`` (a plain dict of the constructor arguments, what a
+    checkpoint stores), ``vocab_size``, ``d_model``, ``ctx_len`` (the longest
+    sequence it accepts), ``embed_tokens`` (nn.Embedding), ``layers``
+    (nn.ModuleList of Block), ``norm`` (the final RMSNorm) and ``lm_head``
+    (nn.Linear without bias, whose weight is ``embed_tokens.weight``).
+    """
 
     def __init__(
         self,

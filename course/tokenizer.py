@@ -11,12 +11,15 @@ EOS_ID    2     end of sequence (``</s>``); generation stops there
 UNK_ID    3     unknown (``<unk>``); never produced, thanks to byte fallback
 ========  ====  ==========================================================
 
-``encode`` adds **no** BOS/EOS: add them yourself, for example
+Pieces mark the start of a word with "▁" (U+2581), and ``encode`` treats the
+text as if it started a new word: ``encode("time")`` is the one piece
+``▁time``, the same as in "Once upon a time". ``encode`` adds **no** BOS/EOS: add them yourself, for example
 ``[BOS_ID] + tok.encode(text)``. ``decode`` drops PAD, BOS and EOS.
 
 Characters never seen in training are split into UTF-8 bytes (``<0xE2>`` ...)
 instead of becoming ``<unk>``, and no Unicode normalisation is applied, so
-``decode(encode(text)) == text`` for any text.
+``decode(encode(text)) == text`` for any text, with one exception: the
+character "▁" (U+2581), which SentencePiece uses for spaces, decodes as a space.
 """
 
 from __future__ import annotations
