@@ -40,8 +40,13 @@ c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedE
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 c.ClearSolutions.enforce_metadata = True
 
-# Learning platform import: files named like "jdoe_01_get_set_input_embeddings_get_set_input_embeddings.ipynb"
-c.ZipCollectApp.archive_directory = "downloaded"
+# Learning platform import (`nbgrader zip_collect ASSIGNMENT`): the zip of
+# submissions goes into downloaded/ASSIGNMENT/archive/, and each notebook in it
+# is named "<student_id>__<notebook>.ipynb" (two underscores), for example
+# "jdoe__get_set_input_embeddings.ipynb", possibly inside folders. nbgrader
+# matches the pattern against the file's full path, hence the optional folder
+# prefix. Student ids: letters, digits, ".", "-" and "_".
+c.ZipCollectApp.archive_directory = "archive"
 c.FileNameCollectorPlugin.named_regexp = (
-    r"^(?P<student_id>[a-z0-9]+)__(?P<file_id>.+\.ipynb)$"
+    r"^(?:.*/)?(?P<student_id>[A-Za-z0-9][A-Za-z0-9._-]*?)__(?P<file_id>[^/]+\.ipynb)$"
 )

@@ -248,11 +248,13 @@ def build(out_dir=HANDS_ON_ASSETS, force: bool = False, progress: bool = True, r
             report[name] = "up to date"
             say(f"[assets] {name} is up to date")
 
-    exists = lambda p: not p.exists()  # noqa: E731  committed files: rebuilt only when missing or forced
-    step(AUDIO_NAME, media.write_sample_wav, exists)
-    step(IMAGE_NAME, media.write_sample_png, exists)
+    def missing(path: Path) -> bool:  # committed files: rebuilt only when missing, or with force
+        return not path.exists()
+
+    step(AUDIO_NAME, media.write_sample_wav, missing)
+    step(IMAGE_NAME, media.write_sample_png, missing)
     step(TOKENIZER_NAME,
-         lambda p: BPETokenizer.train(CORPUS_PATH, p.with_suffix(""), TOKENIZER_VOCAB_SIZE), exists)
+         lambda p: BPETokenizer.train(CORPUS_PATH, p.with_suffix(""), TOKENIZER_VOCAB_SIZE), missing)
 
     ckpt_inputs = [out_dir / TOKENIZER_NAME, CORPUS_PATH, here / "thinker.py", here / "training.py",
                    here / "tokenizer.py", here / "data" / "__init__.py", here / "assets.py"]

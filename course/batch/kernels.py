@@ -94,7 +94,8 @@ def _alive(pid: int) -> bool:
 class Zygote:
     """The worker's fork server (started lazily, restarted if it dies)."""
 
-    def __init__(self, workdir: Path, preload: list[str], env: dict[str, str]):
+    def __init__(self, workdir: Path, preload: list[str], env: dict[str, str], extra_path: str | None = None):
+        self.extra_path = extra_path
         self.dir = Path(workdir)
         self.preload = preload
         self.env = env
@@ -113,6 +114,9 @@ class Zygote:
             self.sock.unlink()
         env = dict(self.env)
         env.pop("JPY_PARENT_PID", None)
+        if self.extra_path:  # to import course.batch.zygote; the kernels do not keep it on sys.path
+            env["BATCH_EXTRA_PATH"] = self.extra_path
+            env["PYTHONPATH"] = self.extra_path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "course.batch.zygote", str(self.sock), json.dumps(self.preload)],
             cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
@@ -196,7 +200,7 @@ class WarmProvisioner(LocalProvisioner):
         event("kernel_gone")
 
 
-def install(workdir: Path, preload: list[str] | None, env: dict[str, str]) -> None:
+def install(workdir: Path, preload: list[str] | None, env: dict[str, str], extra_path: str | None = None) -> None:
     """Make WarmProvisioner this process's default provisioner; start a zygote if ``preload`` is given."""
     global _ZYGOTE
     factory = KernelProvisionerFactory.instance()
@@ -208,7 +212,7 @@ def install(workdir: Path, preload: list[str] | None, env: dict[str, str]) -> No
         from course.batch.zygote import PR_SET_CHILD_SUBREAPER, prctl
 
         prctl(PR_SET_CHILD_SUBREAPER, 1)
-        _ZYGOTE = Zygote(workdir, preload, env)
+        _ZYGOTE = Zygote(workdir, preload, env, extra_path)
 
 
 def shutdown() -> None:

@@ -361,6 +361,12 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
                "preload": preload, "fast_shutdown": fast_shutdown}
         env = dict(os.environ)
         env.pop("COURSE_DB_URL", None)
+        # the workers run this very `course` package, installed or not; the
+        # kernels get the environment unchanged (the worker restores it)
+        here = str(Path(__file__).resolve().parents[2])
+        env["BATCH_ORIG_PYTHONPATH"] = json.dumps(os.environ.get("PYTHONPATH"))
+        env["BATCH_EXTRA_PATH"] = here
+        env["PYTHONPATH"] = here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
         pool = [Worker(k, course, run, env) for k in range(n_workers)]

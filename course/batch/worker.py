@@ -61,6 +61,12 @@ def main() -> int:
     from course.batch.zygote import PR_SET_PDEATHSIG, prctl
 
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    extra = os.environ.pop("BATCH_EXTRA_PATH", None)
+    orig = json.loads(os.environ.pop("BATCH_ORIG_PYTHONPATH", "null"))
+    if orig is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = orig
     setup = json.loads(sys.stdin.readline())
     workdir = Path.cwd()
     course_root = Path(setup["course_root"])
@@ -68,7 +74,7 @@ def main() -> int:
     from course.batch import kernels, timing
     from course.batch.gradebook import rows_from_json, rows_to_json, seed_worker_gradebook, submission_rows, engine
 
-    kernels.install(workdir, setup.get("preload"), dict(os.environ))
+    kernels.install(workdir, setup.get("preload"), dict(os.environ), extra_path=extra)
 
     from nbgrader.apps.autogradeapp import AutogradeApp
     from nbgrader.converters import Autograde
@@ -160,7 +166,8 @@ def _short_error(res: dict) -> str | None:
             text = ln[len("[ERROR]"):].strip()
             if text and not text.startswith(generic) and text not in msgs:
                 msgs.append(text)
-    exc = [ln.strip() for ln in log.splitlines() if _EXC.match(ln.strip())]
+    exc = [ln.strip() for ln in log.splitlines()
+           if _EXC.match(ln.strip()) and not ln.strip().startswith("nbgrader.converters.base.NbGraderException")]
     if exc and exc[-1] not in msgs:
         msgs.append(exc[-1])
     return "; ".join(msgs[:4])[:1500] or "nbgrader autograde failed (see the log)"

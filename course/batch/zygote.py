@@ -108,7 +108,20 @@ def serve(sock_path: str, preload: list[str]) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     # what ipykernel sets before it imports matplotlib, so preloading it changes nothing
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    base_path = [p for p in sys.path if p not in ("", os.getcwd())]
+    extra = os.environ.pop("BATCH_EXTRA_PATH", None)
+    if extra:  # added only so that this module could be imported
+        os.environ["PYTHONPATH"] = os.environ.get("PYTHONPATH", "").replace(extra, "", 1).lstrip(os.pathsep)
+        if not os.environ["PYTHONPATH"]:
+            del os.environ["PYTHONPATH"]
+    base_path = [p for p in sys.path if p not in ("", os.getcwd(), extra)]
+    if extra:
+        # preload only what the kernel itself could import: forget the path
+        # and the packages that came in through it
+        sys.path[:] = [p for p in sys.path if p != extra]
+        for name in [m for m in sys.modules if m == "course" or m.startswith("course.")]:
+            if name != __name__:
+                del sys.modules[name]
+        importlib.invalidate_caches()
     import ipykernel.kernelapp  # noqa: F401
     import ipykernel.ipkernel  # noqa: F401
     import ipykernel_launcher  # noqa: F401

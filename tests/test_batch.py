@@ -1,0 +1,325 @@
+"""Batch grading (course.batch): same grades as stock nbgrader autograde, resumable, robust, LMS import, reports.
+
+Every test builds a tiny course in a temporary folder (one or two one-task
+notebooks whose setup cell imports only ``math``), so the real
+``nbgrader generate_assignment``/``autograde``/``zip_collect`` and the batch
+workers run in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from course.batch.gradebook import dump
+from course.paths import REPO_ROOT
+
+ASSIGNMENT = "tiny"
+
+ANSWERS = {
+    "correct": "def double(x):\n    return 2 * x",
+    "partial": "def double(x):\n    return 2.0 * x",  # right values, wrong type: loses test_double_type
+    "blank": None,
+    "slow": "import time\ntime.sleep(0.7)\ndef double(x):\n    return 2 * x",
+    "crash": "import os\nos._exit(1)",  # the kernel dies
+    "invalid": "",  # not JSON at all
+}
+
+
+def _meta(**nbg):
+    return {"nbgrader": dict(schema_version=3, task=False, **nbg)}
+
+
+def _code(cid, src, **nbg):
+    c = new_code_cell(src, id=cid)
+    c.metadata.update(_meta(**nbg))
+    return c
+
+
+def tiny_notebook(name: str):
+    cells = [
+        new_markdown_cell(f"# {name}", id="title"),
+        _code("setup", "import math", grade=False, solution=False, locked=True, grade_id="setup"),
+        _code("double", "def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION",
+              grade=False, solution=True, locked=False, grade_id="double"),
+        _code("test_double", "assert double(2) == 4, 'double(2) should be 4'\n"
+                             "### BEGIN HIDDEN TESTS\nassert double(-3) == -6\n### END HIDDEN TESTS",
+              grade=True, solution=False, locked=True, grade_id="test_double", points=2),
+        _code("test_double_type", "assert isinstance(double(3), int), 'double of an int is an int'",
+              grade=True, solution=False, locked=True, grade_id="test_double_type", points=1),
+    ]
+    written = new_markdown_cell("Why?\n\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION", id="written")
+    written.metadata.update(_meta(grade=True, solution=True, locked=False, grade_id="written", points=1))
+    cells.append(written)
+    return new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}})
+
+
+def env(**extra) -> dict[str, str]:
+    e = dict(os.environ)
+    for k in ("COURSE_DB_URL", "COURSE_EXCHANGE", "JUPYTER_CONFIG_DIR"):
+        e.pop(k, None)
+    e["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.update(extra)
+    return e
+
+
+def nbgrader(args: list[str], cwd: Path, check: bool = True, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=cwd, env=env(**extra),
+                          capture_output=True, text=True, check=check)
+
+
+def make_course(root: Path, notebooks=("tiny",), **extra_env) -> Path:
+    """A course directory with the course's nbgrader_config.py and a generated tiny assignment."""
+    root.mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "nbgrader_config.py", root / "nbgrader_config.py")
+    src = root / "source" / ASSIGNMENT
+    src.mkdir(parents=True)
+    for n in notebooks:
+        nbformat.write(tiny_notebook(n), str(src / f"{n}.ipynb"))
+    nbgrader(["generate_assignment", ASSIGNMENT, "--force"], root, **extra_env)
+    return root
+
+
+def submit(root: Path, students: dict[str, str]) -> None:
+    """Hand in the release, with each student's kind of answer written into the answer cell."""
+    for student, kind in students.items():
+        d = root / "submitted" / student / ASSIGNMENT
+        d.mkdir(parents=True)
+        (d / "timestamp.txt").write_text("2026-01-10 10:00:00.000000 UTC")
+        for rel in sorted((root / "release" / ASSIGNMENT).glob("*.ipynb")):
+            if kind == "invalid":
+                (d / rel.name).write_text("{ this is not a notebook")
+                continue
+            nb = nbformat.read(str(rel), as_version=4)
+            if ANSWERS[kind] is not None:
+                for c in nb.cells:
+                    if c.metadata.get("nbgrader", {}).get("grade_id") == "double":
+                        c.source = ANSWERS[kind]
+            nbformat.write(nb, str(d / rel.name))
+
+
+def batch(root: Path, *args: str, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "course.batch", *args], cwd=root, env=env(**extra),
+                          capture_output=True, text=True, timeout=600)
+
+
+def start_batch(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "course.batch", "grade", ASSIGNMENT, "--no-progress", *args],
+                            cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def journal(root: Path) -> dict[str, dict]:
+    d = root / ".batch" / "journal" / ASSIGNMENT
+    return {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")} if d.exists() else {}
+
+
+def wait_for(cond, timeout=300.0, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"batch ended early:\n{proc.stdout.read()}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def workers_of(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and "course.batch.worker" in cmd:
+            out.append(int(p.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie is not alive
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+def autograded_files(root: Path) -> set[str]:
+    base = root / "autograded"
+    return {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()}
+
+
+CLASS = {"ann": "correct", "ben": "partial", "cat": "blank", "dan": "crash", "eve": "invalid", "fay": "correct"}
+
+
+@pytest.fixture(scope="module")
+def graded_class(tmp_path_factory):
+    """One tiny class graded twice: by stock ``nbgrader autograde`` and by the batch command."""
+    base = tmp_path_factory.mktemp("batch")
+    stock = make_course(base / "stock")
+    submit(stock, CLASS)
+    shutil.copytree(stock, base / "batch")
+    ours = base / "batch"
+    stock_run = nbgrader(["autograde", ASSIGNMENT, "--force"], stock, check=False)
+    run = batch(ours, "grade", ASSIGNMENT, "--workers", "2", "--no-progress", "--report", str(ours / "reports"))
+    return {"stock": stock, "batch": ours, "stock_run": stock_run, "run": run}
+
+
+def test_batch_gradebook_equals_stock_autograde(graded_class):
+    run = graded_class["run"]
+    assert run.returncode == 1, run.stdout + run.stderr  # 1: some submissions could not be graded
+    assert "graded 4, failed 2" in run.stdout, run.stdout
+    ours = dump(f"sqlite:///{graded_class['batch'] / 'gradebook.db'}")
+    stock = dump(f"sqlite:///{graded_class['stock'] / 'gradebook.db'}")
+    assert set(ours) == {f"{ASSIGNMENT}/{s}" for s in CLASS}
+    assert ours == stock
+    assert autograded_files(graded_class["batch"]) == autograded_files(graded_class["stock"])
+
+
+def test_broken_submissions_do_not_stop_the_batch_or_touch_other_grades(graded_class):
+    j = journal(graded_class["batch"])
+    assert {s: e["status"] for s, e in j.items()} == {
+        "ann": "ok", "ben": "ok", "cat": "ok", "dan": "failed", "eve": "failed", "fay": "ok"}
+    assert "Kernel died" in j["dan"]["error"]
+    assert "JSON" in j["eve"]["error"]
+    grades = dump(f"sqlite:///{graded_class['batch'] / 'gradebook.db'}")
+
+    def auto(student):
+        nb = grades[f"{ASSIGNMENT}/{student}"]["notebooks"]["tiny"]["grades"]
+        return {k: v[0] for k, v in nb.items() if k.startswith("test_")}
+
+    assert auto("ann") == auto("fay") == {"test_double": 2.0, "test_double_type": 1.0}
+    assert auto("ben") == {"test_double": 2.0, "test_double_type": 0.0}
+    assert auto("cat") == {"test_double": 0.0, "test_double_type": 0.0}
+
+
+def test_nbgrader_export_and_feedback_work_after_a_batch(graded_class):
+    ours = graded_class["batch"]
+    nbgrader(["export", "--to", str(ours / "export.csv")], ours)
+    with (ours / "export.csv").open() as fh:
+        rows = {r["student_id"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == set(CLASS)
+    assert float(rows["ann"]["raw_score"]) == 3.0
+    nbgrader(["generate_feedback", ASSIGNMENT, "--student", "ann", "--force"], ours)
+    assert (ours / "feedback" / "ann" / ASSIGNMENT / "tiny.html").exists()
+
+
+def test_reports_show_scores_and_pass_rates(graded_class):
+    out = graded_class["batch"] / "reports"
+    with (out / "grades.csv").open() as fh:
+        rows = {r["student_id"]: r for r in csv.DictReader(fh)}
+    assert rows["ann"]["auto_score"] == "3.0" and rows["ann"]["auto_max"] == "3.0"
+    assert rows["eve"]["status"] == "failed" and "JSON" in rows["eve"]["error"]
+    rates = json.loads((out / "summary.json").read_text())[ASSIGNMENT]
+    assert rates == {"tiny: test_double": 0.75, "tiny: test_double_type": 0.5}
+    html = (out / f"{ASSIGNMENT}.html").read_text()
+    assert "data:image/png;base64," in html and "test_double_type" in html
+    for name in (f"{ASSIGNMENT}_scores.png", f"{ASSIGNMENT}_questions.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_grades_only_what_is_missing(graded_class):
+    ours = graded_class["batch"]
+    before = dump(f"sqlite:///{ours / 'gradebook.db'}")
+    run = batch(ours, "grade", ASSIGNMENT, "--no-progress")
+    assert "graded 0, failed 0, already done 6" in run.stdout, run.stdout
+    assert dump(f"sqlite:///{ours / 'gradebook.db'}") == before
+    # a resubmission is graded again, and only it
+    sub = ours / "submitted" / "cat" / ASSIGNMENT / "tiny.ipynb"
+    nb = nbformat.read(str(sub), as_version=4)
+    next(c for c in nb.cells if c.get("id") == "double").source = ANSWERS["correct"]
+    nbformat.write(nb, str(sub))
+    run = batch(ours, "grade", ASSIGNMENT, "--no-progress")
+    assert "graded 1, failed 0, already done 5" in run.stdout, run.stdout
+
+
+def test_resume_after_ctrl_c_crash_and_killed_worker_gives_the_same_gradebook(tmp_path):
+    """Stopped three ways (Ctrl-C, the batch process killed, one worker killed), then finished: same results."""
+    students = {f"s{i:02d}": ("slow" if i % 3 else "partial") for i in range(9)}
+    ref = make_course(tmp_path / "ref", notebooks=("tiny", "tiny2"))
+    submit(ref, students)
+    shutil.copytree(ref, tmp_path / "cut")
+    cut = tmp_path / "cut"
+
+    run = batch(ref, "grade", ASSIGNMENT, "--workers", "2", "--no-progress")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    # 1. Ctrl-C once the first submission is in
+    p = start_batch(cut, "--workers", "2")
+    wait_for(lambda: len(journal(cut)) >= 1, proc=p)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130, out
+    n1 = len(journal(cut))
+    assert 1 <= n1 < len(students), out
+
+    # 2. the batch process dies (SIGKILL) while its workers are busy; they go with it
+    p = start_batch(cut, "--workers", "2")
+    wait_for(lambda: len(workers_of(p.pid)) == 2 and len(journal(cut)) >= n1 + 1, proc=p)
+    orphans = workers_of(p.pid)
+    p.kill()
+    p.wait()
+    wait_for(lambda: not any(alive(w) for w in orphans), timeout=30)
+    n2 = len(journal(cut))
+    assert n2 < len(students)
+
+    # 3. a worker is killed mid-job: it is replaced, its job retried
+    p = start_batch(cut, "--workers", "2")
+    wait_for(lambda: len(workers_of(p.pid)) == 2, proc=p)
+    time.sleep(1.0)
+    os.kill(workers_of(p.pid)[0], signal.SIGKILL)
+    out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out
+    assert f"already done {n2}" in out, out
+
+    assert {s: e["status"] for s, e in journal(cut).items()} == {s: "ok" for s in students}
+    assert dump(f"sqlite:///{cut / 'gradebook.db'}") == dump(f"sqlite:///{ref / 'gradebook.db'}")
+    assert autograded_files(cut) == autograded_files(ref)
+    leftovers = [p.name for p in (cut / "autograded").rglob(".*batch-*")]
+    assert not leftovers
+
+
+def test_zip_collect_of_an_lms_zip_feeds_the_batch(tmp_path):
+    """Files named <student_id>__<notebook>.ipynb in a zip, as nbgrader_config.py expects, reach submitted/."""
+    root = make_course(tmp_path / "course")
+    release = (root / "release" / ASSIGNMENT / "tiny.ipynb").read_text()
+    nb = nbformat.reads(release, as_version=4)
+    next(c for c in nb.cells if c.get("id") == "double").source = ANSWERS["correct"]
+    archive = root / "downloaded" / ASSIGNMENT / "archive"
+    archive.mkdir(parents=True)
+    with zipfile.ZipFile(archive / "lms_download.zip", "w") as z:
+        z.writestr("ann__tiny.ipynb", nbformat.writes(nb))
+        z.writestr("ben.smith__tiny.ipynb", release)
+        z.writestr("week 3/cat_2__tiny.ipynb", release)  # folders inside the zip are fine
+        z.writestr("index.html", "<html></html>")  # LMS extras are skipped
+        z.writestr("no-student-here.ipynb", release)  # names without a student id are skipped
+    run = nbgrader(["zip_collect", ASSIGNMENT], root, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = sorted(str(p.relative_to(root / "submitted")) for p in (root / "submitted").rglob("*.ipynb"))
+    assert got == [f"ann/{ASSIGNMENT}/tiny.ipynb", f"ben.smith/{ASSIGNMENT}/tiny.ipynb",
+                   f"cat_2/{ASSIGNMENT}/tiny.ipynb"]
+    run = batch(root, "grade", ASSIGNMENT, "--workers", "2", "--no-progress")
+    assert run.returncode == 0 and "graded 3, failed 0" in run.stdout, run.stdout + run.stderr
+    scores = dump(f"sqlite:///{root / 'gradebook.db'}")
+    assert scores[f"{ASSIGNMENT}/ann"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 2.0
+    assert scores[f"{ASSIGNMENT}/ben.smith"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 0.0
