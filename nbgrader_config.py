@@ -50,3 +50,42 @@ c.ZipCollectApp.archive_directory = "archive"
 c.FileNameCollectorPlugin.named_regexp = (
     r"^(?:.*/)?(?P<student_id>[A-Za-z0-9][A-Za-z0-9._-]*?)__(?P<file_id>[^/]+\.ipynb)$"
 )
+
+# ----------------------------------------------------------------------------
+# Grading integrity (course.sandbox, course.integrity; README "Grading integrity").
+# nbgrader autograde runs student code in the bubblewrap sandbox kernel
+# (course-sandbox) and gives a test cell its points only with evidence that
+# matches a reference run; nbgrader generate_feedback shows no hidden test.
+# Environment switches: COURSE_SANDBOX=off (no isolation, loud warning),
+# COURSE_INTEGRITY=off (stock scoring and feedback); both off = stock nbgrader.
+def _course_integrity(c):
+    import json
+    import re
+    import sys
+
+    try:
+        import course.integrity.config as integrity
+    except ImportError:
+        # not installed (pip install -e .): this checkout, or the one the sandbox kernelspec was installed from
+        spec = Path(sys.prefix) / "share" / "jupyter" / "kernels" / "course-sandbox" / "kernel.json"
+        candidates = [COURSE_ROOT]
+        if spec.exists():
+            found = re.search(r"sys\.path\.insert\(0, '([^']+)'\)", " ".join(json.loads(spec.read_text())["argv"]))
+            if found:
+                candidates.append(Path(found.group(1)))
+        for root in candidates:
+            if (root / "course" / "integrity" / "config.py").exists():
+                sys.path.insert(0, str(root))
+                break
+        try:
+            import course.integrity.config as integrity
+        except ImportError:
+            if "autograde" in sys.argv[1:3]:
+                raise SystemExit("nbgrader_config.py: the course package is not importable, so autograde "
+                                 "refuses to run without its sandbox; run: python3 bootstrap.py setup")
+            return
+    integrity.configure(c)
+
+
+_course_integrity(c)
+# ----------------------------------------------------------------------------

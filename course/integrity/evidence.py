@@ -52,7 +52,7 @@ class Arr:
     full: bool
     st: list
     lib: str
-    mro: list
+    bases: list
 
     @property
     def is_float(self) -> bool:
@@ -82,7 +82,7 @@ class Const:
 @dataclass
 class TypeVal:
     q: str
-    mro: list
+    bases: list
     abc: bool
     main: bool
 
@@ -90,7 +90,7 @@ class TypeVal:
 @dataclass
 class Opaque:
     ty: str
-    mro: list
+    bases: list
     id: int | None
     truth: bool | None
     main: bool
@@ -212,7 +212,7 @@ def truth(v) -> bool:
 
 def mro_of(v) -> list:
     if isinstance(v, (Arr, Opaque)):
-        return v.mro
+        return v.bases
     if isinstance(v, (Seq, SetVal, DictVal)):
         raise Uncertain("type of a container")
     if isinstance(v, TypeVal):

@@ -111,9 +111,24 @@ def parse_cell(source: str) -> ast.Module | None:
         return None
 
 
-def propagate(tainted: set[str], tree: ast.AST) -> set[str]:
-    """Grow ``tainted`` with the names of ``tree`` whose value may come from a tainted name (fixpoint)."""
-    tainted = set(tainted)
+def module_names(trees: list[ast.AST]) -> set[str]:
+    """Names bound by import statements: modules and library objects, never the student's values."""
+    out: set[str] = set()
+    for tree in trees:
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                for a in n.names:
+                    out.add((a.asname or a.name).split(".")[0])
+    return out
+
+
+def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset()) -> set[str]:
+    """Grow ``tainted`` with the names of ``tree`` whose value may come from a tainted name (fixpoint).
+
+    Names in ``modules`` (imported modules) are never tainted: ``torch`` in
+    ``lookup(W, torch.tensor(...))`` is not a value handed to the student.
+    """
+    tainted = set(tainted) - set(modules)
 
     def hot(node) -> bool:
         return bool(names_in(node) & tainted)
@@ -121,7 +136,7 @@ def propagate(tainted: set[str], tree: ast.AST) -> set[str]:
     def base_names(t) -> set[str]:
         out = set()
         for n in ast.walk(t):
-            if isinstance(n, ast.Name):
+            if isinstance(n, ast.Name) and n.id not in modules:
                 out.add(n.id)
         return out
 
@@ -277,21 +292,23 @@ class _Rewriter(ast.NodeTransformer):
         return ast.copy_location(ast.Expr(call), node)
 
 
-def plan_cell(gid: str, source: str, tainted: set[str]) -> tuple[CellPlan, ast.Module | None]:
+def plan_cell(gid: str, source: str, tainted: set[str],
+              modules: frozenset[str] | set[str] = frozenset()) -> tuple[CellPlan, ast.Module | None]:
     """The plan of one test cell and its rewritten tree (``None`` when it cannot be parsed)."""
     tree = parse_cell(source)
     if tree is None:
         return CellPlan(gid, source, [], parsed=False), None
-    local = propagate(tainted, tree)
+    local = propagate(tainted, tree, modules)
     rw = _Rewriter(gid, "__course_ev_nonce__", local)
+    last = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     new = rw.visit(copy.deepcopy(tree))
-    last = bool(new.body) and isinstance(new.body[-1], ast.Expr)
     return CellPlan(gid, source, rw.plans, parsed=True, last_expr=last), new
 
 
-def instrument_cell(gid: str, source: str, tainted: set[str], nonce: str) -> tuple[str, CellPlan]:
+def instrument_cell(gid: str, source: str, tainted: set[str], nonce: str,
+                    modules: frozenset[str] | set[str] = frozenset()) -> tuple[str, CellPlan]:
     """The source sent to the kernel instead of a test cell, and the plan the grader checks it against."""
-    plan, tree = plan_cell(gid, source, tainted)
+    plan, tree = plan_cell(gid, source, tainted, modules)
     if tree is None:
         # cannot parse even with IPython's transformers: only completion is recorded
         body = source
@@ -327,10 +344,13 @@ def notebook_taint(cells: list[tuple[str, str]]) -> set[str]:
     ``role`` is ``"answer"``, ``"test"`` or ``"other"``; answer cells seed the
     taint, other cells propagate it; test cells are planned one by one.
     """
-    tainted = student_names([s for r, s in cells if r == "answer"])
-    for role, src in cells:
-        if role == "other":
-            tree = parse_cell(src)
-            if tree is not None:
-                tainted = propagate(tainted, tree)
-    return tainted
+    trees = [(r, parse_cell(s)) for r, s in cells]
+    modules = module_names([t for _, t in trees if t is not None])
+    tainted = student_names([s for r, s in cells if r == "answer"]) - modules
+    # one fixpoint over every non-answer cell (tests included): flow-insensitive, so conservative
+    body = [stmt for r, t in trees if r != "answer" and t is not None for stmt in t.body]
+    return propagate(tainted, ast.Module(body=body, type_ignores=[]), modules)
+
+
+def notebook_modules(sources: list[str]) -> set[str]:
+    return module_names([t for t in (parse_cell(s) for s in sources) if t is not None])

@@ -213,6 +213,8 @@ def sandbox_env(limits: Limits, extra: dict[str, str] | None = None) -> dict[str
         "MALLOC_ARENA_MAX": "2",
         "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor",
         "COURSE_SANDBOX_ACTIVE": "1",
+        # the kernel's parent is the sandbox's init (pid 1): no parent polling, no console banner
+        "JPY_PARENT_PID": "1",
     }
     for passthrough in ("MPLBACKEND", "TZ"):
         if passthrough in os.environ:

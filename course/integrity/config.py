@@ -1,0 +1,66 @@
+"""Register the sandbox and the integrity checks in nbgrader's configuration.
+
+``nbgrader_config.py`` calls :func:`configure`. Two switches, both read from
+the environment of the nbgrader process:
+
+* ``COURSE_SANDBOX=off``: run student code without bubblewrap (loud warning);
+* ``COURSE_INTEGRITY=off``: no evidence check, no structure/scan/audit flags,
+  stock feedback.
+
+With both off, ``nbgrader autograde`` is stock nbgrader.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def integrity_requested() -> bool:
+    return os.environ.get("COURSE_INTEGRITY", "on").strip().lower() not in {"off", "0", "no", "false"}
+
+
+def _command() -> str | None:
+    for arg in sys.argv[1:3]:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def configure(c) -> None:
+    from nbgrader.converters import Autograde, GenerateFeedback
+
+    from course.sandbox import requested as sandbox_requested
+
+    sanitize = list(Autograde.class_traits()["sanitize_preprocessors"].default_value)
+    autograde = list(Autograde.class_traits()["autograde_preprocessors"].default_value)
+    feedback = list(GenerateFeedback.class_traits()["preprocessors"].default_value)
+    integrity = integrity_requested()
+    sandbox = sandbox_requested()
+
+    if sandbox or integrity:
+        from nbgrader.preprocessors import Execute
+
+        from course.sandbox.execute import SandboxedExecute
+
+        autograde = [SandboxedExecute if p is Execute else p for p in autograde]
+    if integrity:
+        from course.integrity.feedback import SanitizeFeedback
+        from course.integrity.guard import GuardSubmission, SubmissionCheck
+        from course.integrity.preprocessors import CheckEvidence, InstrumentTests
+
+        sanitize = [GuardSubmission] + sanitize
+        k = next(i for i, p in enumerate(autograde) if getattr(p, "__name__", "") == "SandboxedExecute")
+        autograde = autograde[:k] + [InstrumentTests, autograde[k], CheckEvidence] + autograde[k + 1:]
+        feedback = feedback[:1] + [SanitizeFeedback] + feedback[1:]
+        previous = c.Autograde.get("pre_convert_hook") if "pre_convert_hook" in c.Autograde else None
+        c.Autograde.pre_convert_hook = SubmissionCheck(c, chained=previous)
+    c.Autograde.sanitize_preprocessors = sanitize
+    c.Autograde.autograde_preprocessors = autograde
+    c.GenerateFeedback.preprocessors = feedback
+
+    if _command() == "autograde" and (sandbox or integrity):
+        # refuse before the first submission is touched, not at the first notebook
+        from course.sandbox.execute import require_sandbox
+
+        require_sandbox()
