@@ -28,13 +28,33 @@ def _command() -> str | None:
 
 
 def configure(c) -> None:
+    """Install the course's preprocessors into nbgrader config ``c``.
+
+    traitlets only logs an exception raised while loading a config file and
+    goes on with what it has, which would mean grading without the sandbox
+    and without a word: a failure here stops ``nbgrader autograde`` instead.
+    """
+    try:
+        _configure(c)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if _command() == "autograde":
+            import traceback
+
+            raise SystemExit("nbgrader_config.py: the course's grading integrity could not be configured, so "
+                             "autograde refuses to run:\n" + traceback.format_exc()) from exc
+        print(f"WARNING: course integrity configuration failed: {exc!r}", file=sys.stderr)
+
+
+def _configure(c) -> None:
     from nbgrader.converters import Autograde, GenerateFeedback
 
     from course.sandbox import requested as sandbox_requested
 
-    sanitize = list(Autograde.class_traits()["sanitize_preprocessors"].default_value)
-    autograde = list(Autograde.class_traits()["autograde_preprocessors"].default_value)
-    feedback = list(GenerateFeedback.class_traits()["preprocessors"].default_value)
+    sanitize = list(Autograde.class_traits()["sanitize_preprocessors"].default())
+    autograde = list(Autograde.class_traits()["autograde_preprocessors"].default())
+    feedback = list(GenerateFeedback.class_traits()["preprocessors"].default())
     integrity = integrity_requested()
     sandbox = sandbox_requested()
 

@@ -41,6 +41,10 @@ class Uncertain(Exception):
     """The grader cannot recompute this from the reported values."""
 
 
+class Untrusted(Exception):
+    """The check compares an object whose comparison methods the notebook defines."""
+
+
 @dataclass
 class Arr:
     dt: str
@@ -53,6 +57,7 @@ class Arr:
     st: list
     lib: str
     bases: list
+    id: int | None = None
 
     @property
     def is_float(self) -> bool:
@@ -102,6 +107,8 @@ class Seq:
     items: list
     n: int
     complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
 
 
 @dataclass
@@ -109,6 +116,8 @@ class SetVal:
     items: list
     n: int
     complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
 
 
 @dataclass
@@ -116,6 +125,8 @@ class DictVal:
     items: list
     n: int
     complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
 
 
 PY_MRO = {bool: ["builtins.bool", "builtins.int", "builtins.object"], int: ["builtins.int", "builtins.object"],
@@ -149,14 +160,15 @@ def decode(s: dict):
             if s.get("full"):
                 vals = vals.reshape(s["sh"])
         return Arr(s["dt"], tuple(s["sh"]), s["n"], s["k"], s["h"], vals, bool(s.get("full")), s.get("st", []),
-                   s.get("lib", ""), s.get("mro", []))
+                   s.get("lib", ""), s.get("mro", []), s.get("id"))
     if t == "q":
         items = [decode(v) for v in s["v"]]
-        return Seq(s["k"], items, s["n"], s["n"] == len(items))
+        return Seq(s["k"], items, s["n"], s["n"] == len(items), s.get("mro", []), s.get("id"))
     if t == "set":
-        return SetVal([decode(v) for v in s["v"]], s["n"], s["n"] == len(s["v"]))
+        return SetVal([decode(v) for v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []), s.get("id"))
     if t == "d":
-        return DictVal([(decode(k), decode(v)) for k, v in s["v"]], s["n"], s["n"] == len(s["v"]))
+        return DictVal([(decode(k), decode(v)) for k, v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []),
+                       s.get("id"))
     if t == "k":
         return Const(s["v"])
     if t == "type":
@@ -211,10 +223,10 @@ def truth(v) -> bool:
 
 
 def mro_of(v) -> list:
-    if isinstance(v, (Arr, Opaque)):
+    if isinstance(v, (Arr, Opaque, Seq, SetVal, DictVal)):
+        if not v.bases:
+            raise Uncertain("type not reported")
         return v.bases
-    if isinstance(v, (Seq, SetVal, DictVal)):
-        raise Uncertain("type of a container")
     if isinstance(v, TypeVal):
         return ["builtins.type", "builtins.object"]
     if isinstance(v, Const):
@@ -253,10 +265,27 @@ def _elementwise(op: str, a, b) -> Elem:
     return Elem(r, af and bf, n)
 
 
+def identical(a, b) -> bool:
+    """``a is b`` from the identities the kernel reported (both values from the same run)."""
+    if isinstance(a, (TypeVal,)) and isinstance(b, TypeVal):
+        return a.q == b.q
+    if isinstance(a, Const) and isinstance(b, Const):
+        return a.v == b.v
+    if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    ia, ib = getattr(a, "id", None), getattr(b, "id", None)
+    if ia is None or ib is None:
+        if isinstance(a, (int, float, str)) and isinstance(b, (int, float, str)):
+            raise Uncertain("identity of plain values")
+        return False
+    return ia == ib
+
+
 def compare(op: str, a, b):
     """``a op b`` with Python / torch semantics, on decoded values."""
     if op in ("Is", "IsNot"):
-        raise Uncertain("identity is only known inside the kernel")
+        same = identical(a, b)
+        return same if op == "Is" else not same
     if isinstance(a, (Arr, Elem)) or isinstance(b, (Arr, Elem)):
         if op in ("In", "NotIn"):
             if isinstance(b, Arr):
@@ -271,6 +300,8 @@ def compare(op: str, a, b):
             pass  # a one-element tensor against a number still gives a tensor: elementwise below
         return _elementwise(op, a, b)
     if isinstance(a, Opaque) or isinstance(b, Opaque):
+        if (isinstance(a, Opaque) and a.main) or (isinstance(b, Opaque) and b.main):
+            raise Untrusted("comparison of an object of a class defined in the notebook")
         raise Uncertain("comparison of opaque objects")
     pa, pb = py(a), py(b)
     if isinstance(pa, Const) or isinstance(pb, Const):
@@ -637,7 +668,7 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
                                                       "the reference run (patched library function, redefined "
                                                       "name, or inputs changed by the answer)"})
                             return v
-                        sv = ra
+                        sv = dict(ra, id=sv.get("id")) if "id" in sv else ra
                 values[path] = decode(sv)
         except Uncertain:
             values = None
@@ -646,6 +677,11 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
         ev = Evaluator(values)
         try:
             res = truth(ev.run(plan["tree"]))
+        except Untrusted as exc:
+            v.why = f"check {k + 1} cannot be trusted: {exc}"
+            v.flags.append({"kind": "comparison_forged",
+                            "detail": f"{gid}, check {k + 1}: {exc} (its __eq__ and friends are the student's)"})
+            return v
         except Uncertain:
             continue
         except Exception:

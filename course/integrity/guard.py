@@ -48,6 +48,23 @@ def _flag(kind: str, detail: str, where: str = "", source: str = "structure") ->
     return {"kind": kind, "source": source, "detail": detail, "where": where}
 
 
+def released(source: str) -> str:
+    """A cell's source as students receive it: hidden-test regions removed (as ClearHiddenTests does)."""
+    out, inside = [], False
+    for line in source.split("\n"):
+        if "BEGIN HIDDEN TESTS" in line:
+            inside = True
+        elif "END HIDDEN TESTS" in line:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _norm(source: str) -> str:
+    return "\n".join(line.rstrip() for line in source.strip().splitlines())
+
+
 def _first_line(src: str) -> str:
     for line in src.splitlines():
         if line.strip() and not line.strip().startswith("#"):
@@ -138,7 +155,7 @@ class GuardSubmission(NbGraderPreprocessor):
                 if cell.cell_type != src["cell_type"]:
                     flags.append(_flag("cell_type_changed", f"{gid} was turned from {src['cell_type']} into "
                                                             f"{cell.cell_type} (nbgrader turns it back)", f"cell {i}"))
-                if src["locked"] and cell.source != src["source"]:
+                if src["locked"] and _norm(cell.source) not in (_norm(src["source"]), _norm(released(src["source"]))):
                     flags.append(_flag("changed_locked_cell", f"locked cell {gid} was changed (nbgrader restores "
                                                               "it before grading)", f"cell {i}"))
         graded_code = [g for g, s in gbnb.source.items() if g in gbnb.grade and s["cell_type"] == "code"
@@ -171,15 +188,15 @@ class GuardSubmission(NbGraderPreprocessor):
         if ref is not None:
             for c in ref.cells:
                 if c.cell_type == "code":
-                    ref_code.add(c.source.strip())
+                    ref_code |= {_norm(c.source), _norm(released(c.source))}
                     ref_sources.append(c.source)
-        locked = {s["source"].strip() for s in gbnb.source.values() if s["locked"]}
+        locked = {_norm(f(s["source"])) for s in gbnb.source.values() if s["locked"] for f in (str, released)}
         modules = imported_names(ref_sources + [c.source for c in nb.cells if c.cell_type == "code"])
         flags = []
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
-            text = cell.source.strip()
+            text = _norm(cell.source)
             if not text or text in ref_code or text in locked:
                 continue
             gid = nbg(cell).get("grade_id")

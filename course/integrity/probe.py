@@ -42,6 +42,7 @@ MAX_TEXT = 4000
 
 _orig: dict = {}
 _snap: dict = {}
+_final_state: dict = {}
 _shell = None
 _publish = None
 _b64 = base64.b64encode
@@ -54,6 +55,12 @@ _ops = {
 }
 WATCH_MODULES = ("torch", "torch.nn.functional", "torch.testing", "numpy", "numpy.testing", "math", "operator",
                  "builtins", "torch.linalg")
+BUILTINS = ("isinstance", "issubclass", "len", "abs", "all", "any", "bool", "int", "float", "str", "repr", "print",
+            "open", "__import__", "__build_class__", "getattr", "setattr", "hasattr", "delattr", "type", "sum", "min",
+            "max", "sorted", "round", "id", "hash", "iter", "next", "exec", "eval", "compile", "range", "list",
+            "tuple", "dict", "set", "frozenset", "zip", "map", "filter", "enumerate", "callable", "object", "super",
+            "vars", "dir", "globals", "locals", "AssertionError", "Exception", "BaseException", "KeyboardInterrupt",
+            "SystemExit")
 WATCH_CLASSES = (("torch", "Tensor"), ("torch.nn", "Module"), ("torch.nn", "Parameter"))
 
 
@@ -107,15 +114,22 @@ def attach(shell) -> None:
 
     _publish = publish_display_data
     capture()
-    _snap.update(_state(shell))
     from course.integrity import audit
 
     def pre_run_cell(info=None):
+        # IPython swaps excepthook, displayhook, SIGINT and a few builtins around a cell's code: both states
+        # are taken at this same moment, the first before the first cell (no student code can run earlier),
+        # the last before the grader's final cell
+        if "lists" not in _snap:
+            _snap.update(_state(shell))
+            _snap["callbacks"] = {k: list(v) for k, v in shell.events.callbacks.items()}
+        elif f"{'__course_ev__'}.final(" in (getattr(info, "raw_cell", "") or ""):
+            _final_state.clear()
+            _final_state.update(_state(shell))
         audit.emit("cell", getattr(shell, "execution_count", None))
 
     _snap["marker"] = pre_run_cell
     shell.events.register("pre_run_cell", pre_run_cell)
-    _snap["callbacks"] = {k: list(v) for k, v in shell.events.callbacks.items()}
 
 
 def _qual(obj) -> str:
@@ -166,7 +180,10 @@ def _state(shell) -> dict:
         if mod is None:
             continue
         for k, v in list(vars(mod).items()):
-            if not k.startswith("__") and callable(v):
+            if modname == "builtins":
+                if k in BUILTINS:
+                    watched[f"builtins.{k}"] = v
+            elif not k.startswith("__") and callable(v):
                 watched[f"{modname}.{k}"] = v
     for modname, clsname in WATCH_CLASSES:
         cls = getattr(sys.modules.get(modname), clsname, None)
@@ -185,7 +202,9 @@ def state_report() -> list[dict]:
     """What changed in the interpreter since :func:`attach`: a list of findings."""
     if _shell is None:
         return [{"k": "probe", "d": "the probe was never attached to IPython"}]
-    now = _state(_shell)
+    if "lists" not in _snap:
+        return [{"k": "ipython_hook", "d": "the grader's pre_run_cell callback never ran"}]
+    now = dict(_final_state) if _final_state else _state(_shell)
     out: list[dict] = []
     for k, ids in _snap["lists"].items():
         cur = now["lists"].get(k)
@@ -205,7 +224,10 @@ def state_report() -> list[dict]:
                 continue
             out.append({"k": "ipython_hook", "d": f"{k}: {len(added)} added, {len(removed)} removed"})
     for k, v in _snap["objs"].items():
-        if now["objs"].get(k) is not v:
+        cur = now["objs"].get(k)
+        if cur is not v and not _same_function(cur, v) and not (
+                type(cur) is type(v) and not _from_notebook(type(cur)) and not callable(cur)
+                or type(cur) is type(v) and getattr(cur, "__func__", None) is getattr(v, "__func__", 0)):
             kind = "signal_handler" if "handler" in k else ("ipython_hook" if k.startswith("shell.")
                                                             else "interpreter_hook")
             out.append({"k": kind, "d": f"{k} replaced by {_short(now['objs'].get(k))}"})
@@ -285,7 +307,9 @@ def summarize(x, depth: int = 0) -> dict:
     if Tensor is not None and isinstance(x, Tensor):
         return _tensor(x)
     if ndarray is not None and isinstance(x, ndarray):
-        return _array(x, f"numpy.{x.dtype}", "numpy", t)
+        out = _array(x, f"numpy.{x.dtype}", "numpy", t)
+        out["id"] = id(x)
+        return out
     generic = _orig.get("generic")
     if generic is not None and isinstance(x, generic):
         try:
@@ -360,6 +384,7 @@ def _tensor(x) -> dict:
             a = o["T.numpy"](o["T.contiguous"](o["T.cpu"](t)))
         out = _array(a, dtype, "torch", type(x))
         out["rg"] = rg
+        out["id"] = id(x)
         return out
     except Exception as exc:  # meta, sparse, ... tensors
         out = _opaque(x)
