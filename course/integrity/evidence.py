@@ -505,10 +505,11 @@ class Evaluator:
         if k == "cmp":
             left = self.run(tree["x"][0])
             res = True
-            for op, leaf in zip(tree["ops"], tree["x"][1:]):
+            ops = tree["ops"]
+            for i, (op, leaf) in enumerate(zip(ops, tree["x"][1:])):
                 right = self.run(leaf)
                 res = compare(op, left, right)
-                if not truth(res):
+                if i < len(ops) - 1 and not truth(res):
                     return res
                 left = right
             return res

@@ -208,15 +208,30 @@ class GuardSubmission(NbGraderPreprocessor):
 
 
 class SubmissionCheck:
-    """``Autograde.pre_convert_hook``: flags about the submission's files (never raises)."""
+    """``Autograde.pre_convert_hook``: flags about the submissions' files (never raises).
+
+    nbgrader calls the hook once per submission but passes the command line's
+    patterns (``student="*"`` in a batch), not the submission's ids; so the
+    first call checks every submitted folder the patterns match, which also
+    covers the submissions nbgrader itself skips (no notebook at all).
+    """
 
     def __init__(self, config, chained=None):
         self.config = config
         self.chained = chained
+        self.done: set[str] = set()
 
     def __call__(self, assignment=None, student=None, notebooks=None, **kw):
         try:
-            self.check(assignment, student, notebooks or [])
+            cd = CourseDirectory(config=self.config)
+            pattern = cd.format_path(cd.submitted_directory, student or "*", assignment or "*")
+            import glob
+
+            for folder in sorted(glob.glob(pattern)):
+                if folder not in self.done and Path(folder).is_dir():
+                    self.done.add(folder)
+                    p = Path(folder)
+                    self.check(p.name, p.parent.name)
         except Exception:
             import logging
 
@@ -225,7 +240,7 @@ class SubmissionCheck:
         if self.chained is not None:
             self.chained(assignment=assignment, student=student, notebooks=notebooks, **kw)
 
-    def check(self, assignment: str, student: str, notebooks: list[str]) -> None:
+    def check(self, assignment: str, student: str) -> None:
         from nbgrader.api import Gradebook
 
         cd = CourseDirectory(config=self.config)

@@ -470,10 +470,10 @@ class _Eval:
             ops, leaves = n[1], n[2]
             left = self.node(leaves[0])
             res = True
-            for op, leaf in zip(ops, leaves[1:]):
+            for i, (op, leaf) in enumerate(zip(ops, leaves[1:])):
                 right = self.node(leaf)
                 res = _ops[op](left, right)
-                if not res:
+                if i < len(ops) - 1 and not res:  # a chain goes on only while its links are true
                     return res
                 left = right
             return res

@@ -40,8 +40,9 @@ NETWORK_MODULES = {"socket", "urllib", "http", "requests", "httpx", "ftplib", "s
 PROCESS_MODULES = {"subprocess", "multiprocessing", "pty", "signal", "resource", "atexit", "threading",
                    "_thread", "concurrent", "sched", "asyncio.subprocess"}
 HOOK_MODULES = {"ctypes", "cffi", "gc", "inspect", "dis", "marshal", "types", "importlib", "imp", "builtins",
-                "pickle", "dill", "cloudpickle", "code", "codeop", "traceback", "linecache", "sqlite3", "nbformat",
-                "nbgrader", "nbclient", "jupyter_client", "ipykernel", "zmq", "base64", "codecs", "zlib"}
+                "pickle", "dill", "cloudpickle", "code", "codeop", "traceback", "linecache", "nbclient",
+                "jupyter_client", "ipykernel", "zmq", "base64", "codecs", "zlib"}
+FILE_MODULES = {"sqlite3", "nbformat", "nbgrader", "shelve", "dbm"}
 PROCESS_CALLS = {"os.system", "os.popen", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os._exit", "os.abort",
                  "sys.exit", "exit", "quit", "os.execv", "os.execve", "os.execl", "os.execlp", "os.execvp",
                  "os.spawnl", "os.spawnv", "os.posix_spawn", "os.setsid", "os.setuid", "os.nice", "os.abort"}
@@ -96,6 +97,8 @@ class _Scanner(ast.NodeVisitor):
             self.add("interpreter_hook" if root not in ("importlib", "base64", "codecs", "zlib", "marshal", "pickle",
                                                         "dill", "cloudpickle") else "dynamic_code",
                      f"imports {name}", node)
+        elif root in FILE_MODULES:
+            self.add("file_access", f"imports {name}", node)
         elif root in ("os", "shutil", "glob", "pathlib", "tempfile", "io"):
             pass  # judged by what is done with them
         elif name in ("IPython.core.interactiveshell", "IPython.core.inputtransformer2", "IPython.core.ultratb"):

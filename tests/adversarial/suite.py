@@ -69,8 +69,8 @@ class Attack:
     earned: float = 0.0
     flags: list = field(default_factory=list)
     unsafe: bool = False
-    listen: bool = False
-    feedback: bool = False
+    harms: list = field(default_factory=list)
+    marker: str = ""
 
 
 def load_attacks() -> list[Attack]:
@@ -104,7 +104,6 @@ def reference_answers() -> dict[str, str]:
 def _op_reorder(nb):
     cells = list(nb.cells)
     out = []
-    pending = []
     for c in cells:
         if _is_test(c):
             # put the test cell before the most recent answer cell
@@ -113,7 +112,6 @@ def _op_reorder(nb):
             out.insert(k, c)
         else:
             out.append(c)
-    del pending
     nb.cells = out
     return nb
 
@@ -286,7 +284,8 @@ class Listener(threading.Thread):
 class StudentResult:
     student: str
     score: float | None
-    graded: bool
+    graded: bool  # nbgrader wrote an autograded notebook
+    reached: bool  # nbgrader started on this submission
     flags: list[str]
     flag_details: list[str]
     network: bytes = b""
@@ -305,6 +304,15 @@ class ModeResult:
     files_after: dict
     log: str
     skipped: dict[str, str]
+    honest_before: float | None = None  # the first honest student's score before the attackers ran
+
+    @property
+    def stopped_at(self) -> str | None:
+        """The submission at which nbgrader stopped the batch (None: it went through)."""
+        if self.students[HONEST_LAST].reached:
+            return None
+        reached = [s for s in sorted(self.order) if self.students[s].reached]
+        return reached[-1] if reached else None
 
     def changed_files(self) -> list[str]:
         out = []
@@ -349,12 +357,18 @@ def grade_mode(mode: str, workdir: Path, attacks: list[Attack]) -> ModeResult:
     order += [BLANK, HONEST_LAST]
     before = instructor_files(course)
     t0 = time.perf_counter()
-    p = run(nbg + ["autograde", ASSIGNMENT, "--force"], course, env, timeout=1500)
+    # the first honest student alone first: their grade before any attacker ran
+    p0 = run(nbg + ["autograde", ASSIGNMENT, "--student", HONEST_FIRST, "--force"], course, env, timeout=900)
+    honest_before = scores(course).get(HONEST_FIRST)
+    p = run(nbg + ["autograde", ASSIGNMENT], course, env, timeout=1500)
     seconds = time.perf_counter() - t0
     listener.close()
     after = instructor_files(course)
     sc = scores(course)
-    log = p.stdout + p.stderr
+    log = p0.stdout + p0.stderr + p.stdout + p.stderr
+    import re
+
+    reached = set(re.findall(r"Creating/updating student with ID '([^']+)'", log))
     records = {}
     if mode == "course":
         d = course / "integrity" / ASSIGNMENT
@@ -367,13 +381,13 @@ def grade_mode(mode: str, workdir: Path, attacks: list[Attack]) -> ModeResult:
         for nb in rec.get("notebooks", {}).values():
             flags += nb.get("flags", [])
         graded = (course / "autograded" / st / ASSIGNMENT).exists()
-        students[st] = StudentResult(st, sc.get(st), graded, sorted({f["kind"] for f in flags}),
+        students[st] = StudentResult(st, sc.get(st), graded, st in reached, sorted({f["kind"] for f in flags}),
                                      [f"[{f.get('source')}] {f['kind']}: {f['detail']}" for f in flags])
-    net_student = next((s for s, a in by_student.items() if a.listen), None)
+    net_student = next((s for s, a in by_student.items() if "network" in a.harms), None)
     if net_student:
         students[net_student].network = listener.received
     for st, attack in by_student.items():
-        if attack.feedback and students[st].graded:
+        if "feedback" in attack.harms and students[st].graded:
             fb = run(nbg + ["generate_feedback", ASSIGNMENT, "--student", st, "--force"], course, env)
             html = course / "feedback" / st / ASSIGNMENT / f"{NOTEBOOK}.html"
             students[st].feedback_leak = HIDDEN_MARKER in html.read_text() if html.exists() else None
@@ -383,7 +397,8 @@ def grade_mode(mode: str, workdir: Path, attacks: list[Attack]) -> ModeResult:
     fb = run(nbg + ["generate_feedback", ASSIGNMENT, "--student", HONEST_FIRST, "--force"], course, env)
     html = course / "feedback" / HONEST_FIRST / ASSIGNMENT / f"{NOTEBOOK}.html"
     students[HONEST_FIRST].feedback_leak = HIDDEN_MARKER in html.read_text() if html.exists() else None
-    return ModeResult(mode, course, p.returncode, seconds, students, order, before, after, log, skipped)
+    return ModeResult(mode, course, p.returncode, seconds, students, order, before, after, log, skipped,
+                      honest_before)
 
 
 def grade_both(workdir: Path, modes=("course", "stock")) -> dict[str, ModeResult]:
@@ -396,79 +411,82 @@ def grade_both(workdir: Path, modes=("course", "stock")) -> dict[str, ModeResult
 # ------------------------------------------------------------------- verdicts
 
 
-def batch_went_on(res: ModeResult, student: str) -> bool:
-    """Every student after ``student`` (in the batch's sorted order) was graded."""
-    later = [s for s in sorted(res.order) if s > student]
-    return all(res.students[s].graded for s in later)
-
-
 def outcome(res: ModeResult, attack: Attack, student: str) -> tuple[bool, str]:
     """(defended, text) for one attack in one mode."""
     if attack.name in res.skipped:
         return True, "skipped: " + res.skipped[attack.name].split(":")[0]
     r = res.students[student]
     problems = []
+    if not r.reached and res.stopped_at is not None and student > res.stopped_at:
+        return False, f"not graded: batch stopped at {res.stopped_at}"
     got = r.score or 0.0
     if got > attack.earned + 1e-9:
-        problems.append(f"earned {got:g} of {MAX_POINTS:g} (honestly {attack.earned:g})")
+        problems.append(f"earned {got:g} (honestly {attack.earned:g})")
     if attack.earned and got < attack.earned - 1e-9:
         problems.append(f"lost honest points ({got:g} of {attack.earned:g})")
-    if not batch_went_on(res, student):
-        problems.append("batch stopped")
-    if r.network:
+    if res.stopped_at == student:
+        problems.append("stopped the batch")
+    if "network" in attack.harms and r.network:
         problems.append(f"sent {len(r.network)} bytes out")
-    if r.feedback_leak:
+    if "feedback" in attack.harms and r.feedback_leak:
         problems.append("hidden tests in feedback")
-    honest = res.students[HONEST_FIRST].score
-    if honest is not None and abs(honest - MAX_POINTS) > 1e-9:
-        problems.append("changed other students' grades")
-    changed = res.changed_files()
-    if changed:
-        problems.append(f"changed instructor files ({len(changed)})")
+    if "grades" in attack.harms:
+        after = res.students[HONEST_FIRST].score
+        if res.honest_before is not None and after != res.honest_before:
+            problems.append(f"another student's grade {res.honest_before:g} -> {after:g}")
+    changed = [f for f in res.changed_files() if not attack.marker or f.startswith(attack.marker)]
+    if "files" in attack.harms and changed:
+        problems.append(f"changed {', '.join(changed[:2])}")
     if res.mode == "course":
         missing = [k for k in attack.flags if k not in r.flags]
         if missing:
             problems.append(f"missing flags {missing}")
-    score = "not graded" if r.score is None and not r.graded else f"{got:g}/{MAX_POINTS:g}"
+    score = f"{got:g}/{MAX_POINTS:g}" if r.graded or r.score is not None else "not graded"
     if problems:
-        return False, f"{score}  LET THROUGH: " + "; ".join(problems)
-    flags = f"  flags: {', '.join(r.flags)}" if r.flags else ""
-    return True, f"{score}  ok{flags}"
+        return False, f"{score} LET THROUGH: " + "; ".join(problems)
+    flags = f" flags: {', '.join(r.flags)}" if r.flags else ""
+    return True, f"{score} ok{flags}"
 
 
 def report(results: dict[str, ModeResult]) -> str:
     attacks = load_attacks()
     modes = [m for m in ("stock", "course") if m in results]
-    width = 34
-    lines = ["Adversarial suite: what each attack earned and did", ""]
-    head = f"{'attack':<{width}}" + "".join(f"  {('stock nbgrader' if m == 'stock' else 'course (sandbox + integrity)'):<58}"
-                                           for m in modes)
+    title = {"stock": "stock nbgrader 0.9.6", "course": "this course (sandbox + integrity)"}
+    w, col = 34, 62
+    lines = ["Adversarial suite: what each submission earned (of 5 points) and what it did", ""]
+    head = f"{'submission':<{w}}" + "".join(f"  {title[m]:<{col}}" for m in modes)
     lines += [head, "-" * len(head)]
-    for label, st in (("honest (first)", HONEST_FIRST), ("blank", BLANK), ("honest (last)", HONEST_LAST)):
-        row = f"{label:<{width}}"
+    details = []
+    for label, st in (("honest (graded first)", HONEST_FIRST), ("blank", BLANK), ("honest (graded last)", HONEST_LAST)):
+        row = f"{label:<{w}}"
         for m in modes:
             r = results[m].students[st]
             txt = "not graded" if r.score is None else f"{r.score:g}/{MAX_POINTS:g}"
             if r.flags:
-                txt += f"  flags: {', '.join(r.flags)}"
+                txt += f" flags: {', '.join(r.flags)}"
             if st == HONEST_FIRST and r.feedback_leak:
-                txt += "  (hidden tests in feedback)"
-            row += f"  {txt:<58}"
+                txt += " (hidden tests in feedback)"
+            row += f"  {txt[:col]:<{col}}"
         lines.append(row)
     for i, a in enumerate(attacks):
-        row = f"{a.name:<{width}}"
+        row = f"{a.name:<{w}}"
         for m in modes:
-            _, txt = outcome(results[m], a, student_of(i, a))
-            row += f"  {txt[:58]:<58}"
+            ok, txt = outcome(results[m], a, student_of(i, a))
+            row += f"  {txt[:col]:<{col}}"
+            if len(txt) > col:
+                details.append(f"  {m:<6} {a.name}: {txt}")
         lines.append(row)
     lines.append("")
     for m in modes:
         res = results[m]
         let = sum(1 for i, a in enumerate(attacks) if not outcome(res, a, student_of(i, a))[0])
         changed = res.changed_files()
-        lines.append(f"{m}: {let} of {len(attacks)} attacks let through; batch of {len(res.order)} graded in "
-                     f"{res.seconds:.0f} s (exit code {res.rc}); instructor files changed: "
-                     f"{changed[:4] if changed else 'none'}")
+        stop = f"stopped at {res.stopped_at}" if res.stopped_at else "went through"
+        lines.append(f"{m}: {let} of {len(attacks)} attacks let through; the batch of {len(res.order)} "
+                     f"submissions {stop} ({res.seconds:.0f} s, exit code {res.rc}); instructor files changed: "
+                     f"{', '.join(changed[:4]) if changed else 'none'}")
+    if details:
+        lines += ["", "in full:"] + details
     return "\n".join(lines)
 
 

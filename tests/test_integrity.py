@@ -1,0 +1,348 @@
+"""Evidence-based scoring, the static scan, the guard, feedback and the report (course.integrity).
+
+Most tests run the instrumentation and the in-kernel recorder in this process
+(no kernel): the instrumented test cell is executed here, its records are
+judged exactly as the grader judges them. The last tests read the integrity
+records that the harness's real ``nbgrader autograde`` run wrote for every
+notebook's reference solution and release.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from course.integrity import EVIDENCE_MIME, probe
+from course.integrity.evidence import judge_cell, same_value
+from course.integrity.feedback import SanitizeFeedback, strip_hidden
+from course.integrity.instrument import instrument_cell, notebook_taint, plan_cell
+from course.integrity.reference import assert_plans, role
+from course.integrity.scan import scan_code
+from course.paths import REPO_ROOT, SOURCE_DIR, source_notebooks
+
+TEST_CELL = textwrap.dedent('''\
+    W = torch.arange(12.0).reshape(4, 3)
+    out = pick(W, torch.tensor([2, 0]))
+    assert isinstance(out, torch.Tensor), "pick must return a tensor"
+    assert out.shape == (2, 3), f"got {tuple(out.shape)}"
+    ### BEGIN HIDDEN TESTS
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(9, 4, generator=g)
+    ids = torch.randint(0, 9, (2, 3), generator=g)
+    assert torch.equal(pick(W, ids), W[ids]), "rows differ"
+    assert torch.allclose(pick(W, ids) * 2, W[ids] * 2, atol=1e-6)
+    for i in range(3):
+        assert (pick(W, ids)[0, i] >= -10).all()
+    assert kind in ("a", "b") and kind == {"IndexError": "b"}["IndexError"]
+    ### END HIDDEN TESTS
+    ''')
+
+
+def correct_pick(W, ids):
+    return W[ids]
+
+
+def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_CELL):
+    """Execute the instrumented test cell here; return (records, error)."""
+    tainted = notebook_taint([("answer", "def pick(W, ids):\n    pass\nkind = 'b'"), ("test", src)])
+    code, plan = instrument_cell("t", src, tainted, nonce, {"torch"})
+    records = []
+    saved = probe._emit
+    probe._emit = records.append
+    probe.capture()
+    ns = {"torch": torch, "pick": answer, "kind": kind}
+    old = {}
+    try:
+        if patch:
+            for name, fn in patch.items():
+                old[name] = getattr(torch, name)
+                setattr(torch, name, fn)
+        torch.manual_seed(seed)
+        exec(compile(code, "<test cell>", "exec"), ns)
+        err = None
+    except AssertionError as exc:
+        err = exc
+    finally:
+        probe._emit = saved
+        for name, fn in old.items():
+            setattr(torch, name, fn)
+    return records, err, plan
+
+
+def plans_of(plan):
+    return assert_plans({"t": plan})
+
+
+def judge(student_records, ref_records, plan, nonce="n2", ref_b=None):
+    return judge_cell("t", plans_of(plan), student_records, ref_records,
+                      ref_b if ref_b is not None else ref_records, nonce, ("n1", "n1"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    recs, err, plan = run_instrumented(correct_pick)
+    assert err is None
+    return recs, plan
+
+
+def test_instrumented_cell_behaves_like_the_original():
+    records, err, _ = run_instrumented(correct_pick, nonce="n2")
+    assert err is None
+    kinds = [r["k"] for r in records]
+    assert kinds[0] == "begin" and kinds[-1] == "done"
+    assert kinds.count("a") == 9, kinds  # 6 asserts, one of them three times in a loop
+
+
+def test_failing_assert_raises_with_its_message():
+    _, err, _ = run_instrumented(lambda W, ids: W[ids] + 1, nonce="n2")
+    assert isinstance(err, AssertionError) and str(err) == "rows differ"
+
+
+def test_the_reference_judges_itself_correct(reference):
+    recs, plan = reference
+    v = judge(recs, recs, plan, nonce="n1")
+    assert v.ok, v.why
+    assert v.recomputed >= 8
+
+
+def test_an_honest_different_implementation_passes(reference):
+    ref, plan = reference
+    student, err, _ = run_instrumented(lambda W, ids: torch.stack([W[i] for i in ids.flatten()]).reshape(
+        *ids.shape, W.shape[1]) if ids.dim() else W[ids], nonce="n2", seed=123)
+    assert err is None
+    v = judge(student, ref, plan)
+    assert v.ok, v.why
+
+
+def test_a_wrong_answer_fails(reference):
+    ref, plan = reference
+    student, err, _ = run_instrumented(lambda W, ids: W[ids] * 0, nonce="n2")
+    assert err is not None
+    v = judge(student, ref, plan)
+    assert not v.ok
+
+
+def test_patched_comparisons_do_not_earn_points(reference):
+    """torch.equal and torch.allclose patched to say True: the grader recomputes them."""
+    ref, plan = reference
+    wrong = lambda W, ids: W[ids] * 0 + 3.0  # noqa: E731
+    student, err, _ = run_instrumented(wrong, nonce="n2",
+                                       patch={"equal": lambda *a, **k: True, "allclose": lambda *a, **k: True})
+    assert err is None, "with the patches the kernel itself sees every check pass"
+    v = judge(student, ref, plan)
+    assert not v.ok
+    assert any(f["kind"] == "comparison_forged" for f in v.flags)
+
+
+def test_a_hidden_failure_is_no_success(reference):
+    """Records stop where the failing assert raised: a handler that hides the error cannot add the rest."""
+    ref, plan = reference
+    student, err, _ = run_instrumented(lambda W, ids: W[ids] + 1, nonce="n2")
+    assert err is not None
+    v = judge(student, ref, plan)
+    assert not v.ok and "stopped" in v.why
+
+
+def test_no_evidence_no_points(reference):
+    ref, plan = reference
+    assert not judge([], ref, plan).ok
+    only_begin = [{"k": "begin", "n": "n2", "g": "t"}]
+    assert not judge(only_begin, ref, plan).ok
+
+
+def test_evidence_with_a_foreign_nonce_is_rejected(reference):
+    ref, plan = reference
+    replay = json.loads(json.dumps(ref))  # the reference's own records, replayed
+    v = judge(replay, ref, plan, nonce="n2")
+    assert not v.ok
+    assert any(f["kind"] == "forged_evidence" for f in v.flags)
+
+
+def test_the_tests_own_values_are_anchored_to_the_reference(reference):
+    """A quiz answer checked against a value the test computes: forging that value is seen."""
+    ref, plan = reference
+    student, err, _ = run_instrumented(correct_pick, nonce="n2", kind="a")
+    assert err is not None  # 'a' is wrong
+    forged = json.loads(json.dumps(student))
+    for r in forged:  # a process-controlling student rewrites the record of the failing check
+        if r.get("k") == "a" and r["i"] == len([1 for x in plan.asserts]) - 1:
+            r["ok"] = True
+            r["v"]["0.1.0"] = {"t": "s", "v": "a", "n": 1}
+            r["v"]["0.1.1"] = {"t": "s", "v": "a", "n": 1}
+    forged.append({"k": "done", "n": "n2", "g": "t"})
+    v = judge(forged, ref, plan)
+    assert not v.ok
+    assert any(f["kind"] == "test_values_differ" for f in v.flags)
+
+
+def test_unstable_values_are_not_anchored():
+    src = "x = torch.randn(3)\nassert (pick(x, torch.tensor([0])) == x[:1]).all()\n"
+    ref_a, _, plan = run_instrumented(correct_pick, src=src, seed=1)
+    ref_b, _, _ = run_instrumented(correct_pick, src=src, seed=2)
+    student, err, _ = run_instrumented(correct_pick, nonce="n2", src=src, seed=3)
+    assert err is None
+    assert judge(student, ref_a, plan, ref_b=ref_b).ok
+    # with B equal to A the draw would count as stable and the student's other draw as a changed test value
+    assert not judge(student, ref_a, plan, ref_b=ref_a).ok
+
+
+def test_taint_follows_the_students_values():
+    tainted = notebook_taint([("answer", "def f(x):\n    return x\nq = 1"), ("other", "y = f(2)\nz = 3"),
+                              ("test", "w = torch.ones(2)\nv = f(w)\nassert v.sum() == 2")])
+    assert {"f", "q", "y", "w", "v"} <= tainted
+    assert "z" not in tainted and "torch" not in tainted
+    plan, _ = plan_cell("t", "assert f(3) == z + 1", tainted)
+    leaves = plan.asserts[0].leaves
+    assert leaves["0.0"]["taint"] and not leaves["0.1"]["taint"]
+
+
+def test_every_test_cell_of_the_course_can_be_instrumented():
+    for path in [p for a in sorted(x.name for x in SOURCE_DIR.iterdir() if x.is_dir()) for p in source_notebooks(a)]:
+        nb = nbformat.read(str(path), as_version=4)
+        tainted = notebook_taint([(role(c), c.source) for c in nb.cells if c.cell_type == "code"])
+        for c in nb.cells:
+            if role(c) == "test":
+                gid = c.metadata["nbgrader"]["grade_id"]
+                code, plan = instrument_cell(gid, c.source, tainted, "n")
+                ast.parse(code)
+                assert plan.parsed, f"{path.name}/{gid} cannot be parsed"
+
+
+def test_same_value_tolerates_float_noise_only():
+    a = probe.summarize(torch.tensor([1.0, 2.0, 3.0]))
+    b = probe.summarize(torch.tensor([1.0, 2.0, 3.0]) * (1 + 1e-9))
+    c = probe.summarize(torch.tensor([1.0, 2.0, 3.1]))
+    assert same_value(a, b) and not same_value(a, c)
+    big = torch.arange(10000.0)
+    assert same_value(probe.summarize(big), probe.summarize(big.clone()))
+    assert not same_value(probe.summarize(big), probe.summarize(big + 1))
+
+
+# ------------------------------------------------------------------ scan
+
+
+@pytest.mark.parametrize("code,kind", [
+    ("get_ipython().input_transformers_cleanup.append(lambda l: [])", "ipython_hook"),
+    ("get_ipython().set_custom_exc((Exception,), h)", "ipython_hook"),
+    ("import sys\nsys.settrace(f)", "interpreter_hook"),
+    ("import torch\ntorch.allclose = lambda *a, **k: True", "patched_function"),
+    ("torch.Tensor.__eq__ = lambda a, b: True", "patched_function"),
+    ("setattr(torch, 'equal', f)", "patched_function"),
+    ("open('../../../source/a/n.ipynb').read()", "file_access"),
+    ("import sqlite3", "file_access"),
+    ("pathlib.Path.cwd().parent.parent / 'gradebook.db'", "file_access"),
+    ("import socket", "network"),
+    ("import subprocess", "process"),
+    ("import os\nos.kill(os.getpid(), 9)", "process"),
+    ("exec('x = 1')", "dynamic_code"),
+    ("__import__('o' + 's')", "dynamic_code"),
+])
+def test_the_scan_finds(code, kind):
+    assert kind in {f["kind"] for f in scan_code(code, "cell")}
+
+
+def test_the_scan_is_silent_on_every_reference_answer():
+    """No reference answer or demonstration of any notebook looks like interference."""
+    found = []
+    for a in sorted(x.name for x in SOURCE_DIR.iterdir() if x.is_dir()):
+        for path in source_notebooks(a):
+            nb = nbformat.read(str(path), as_version=4)
+            for c in nb.cells:
+                if role(c) == "answer":
+                    found += [f"{path.name}/{c.metadata['nbgrader']['grade_id']}: {f['detail']}"
+                              for f in scan_code(c.source, "cell")]
+    assert not found, "\n".join(found)
+
+
+# -------------------------------------------------------------- feedback
+
+
+def test_feedback_hides_hidden_tests_and_tracebacks():
+    cell = nbformat.v4.new_code_cell(TEST_CELL, metadata={"nbgrader": {
+        "grade": True, "solution": False, "grade_id": "t", "locked": True, "points": 1, "schema_version": 3}})
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="g = torch.Generator().manual_seed(5)\n"),
+        nbformat.v4.new_output("error", ename="AssertionError", evalue="rows differ",
+                               traceback=["---", "assert torch.equal(pick(W, ids), W[ids]), \"rows differ\""]),
+        nbformat.v4.new_output("display_data", data={EVIDENCE_MIME: {"k": "a"}}),
+    ]
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    out, _ = SanitizeFeedback().preprocess(nb, {})
+    text = json.dumps(out)
+    assert "manual_seed(5)" not in text and "torch.equal(pick" not in text
+    assert out.cells[0].outputs[1]["traceback"] == ["AssertionError: rows differ"]
+    assert len(out.cells[0].outputs) == 2
+    assert "pick must return a tensor" in out.cells[0].source  # visible tests stay
+
+
+def test_strip_hidden_keeps_indentation():
+    src = "for i in range(2):\n    ### BEGIN HIDDEN TESTS\n    assert i < 2\n    ### END HIDDEN TESTS\n    pass"
+    assert "assert" not in strip_hidden(src)
+    assert strip_hidden(src).splitlines()[1].startswith("    # (hidden tests")
+
+
+# ----------------------------------------------------------------- audit
+
+
+def test_audit_events_leave_the_process_as_they_happen(tmp_path):
+    """In a child interpreter: the hook reports an open outside the allowed places, and keeps reporting."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        r, w = os.pipe()
+        from course.integrity import audit
+        audit.install(w)
+        audit.emit("kernel.ready")
+        try:
+            open("/definitely/not/here")
+        except OSError:
+            pass
+        open({str(tmp_path / 'inside.txt')!r}, "w").close()
+        os.close(w)
+        sys.stdout.write(os.read(r, 65536).decode())
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    opened = [e for e in events if e["e"] == "open"]
+    assert [e["p"] for e in opened] == [["/definitely/not/here"]], out.stdout + out.stderr
+
+
+# ------------------------------------------- the harness's real grading run
+
+
+def _records(course_report, student):
+    out = {}
+    for f in (course_report.workspace / "workers").glob(f"w*/integrity/*/{student}.json"):
+        data = json.loads(f.read_text())
+        for nb, info in data.get("notebooks", {}).items():
+            out[f"{data['assignment']}/{nb}"] = info
+        if data.get("submission", {}).get("flags"):
+            out[f"{data['assignment']} (files)"] = {"flags": data["submission"]["flags"]}
+    return out
+
+
+@pytest.mark.grading
+@pytest.mark.parametrize("student", ["reference", "blank"])
+def test_honest_submissions_raise_no_flag(course_report, student):
+    """The reference answers and the untouched release of every notebook: graded with evidence, no flag."""
+    if os.environ.get("COURSE_INTEGRITY", "on") == "off":
+        pytest.skip("COURSE_INTEGRITY=off")
+    recs = _records(course_report, student)
+    assert recs, "the harness wrote no integrity record (is the course's nbgrader_config.py section active?)"
+    flagged = {k: [f"[{f['source']}] {f['kind']}: {f['detail']}" for f in v.get("flags", [])]
+               for k, v in recs.items() if v.get("flags")}
+    assert not flagged, json.dumps(flagged, indent=1)
+    if student == "reference":
+        for k, v in recs.items():
+            assert v.get("sandbox") == "on" or os.environ.get("COURSE_SANDBOX") == "off", k
+            bad = {g: c["why"] for g, c in v.get("cells", {}).items() if not c["ok"]}
+            assert not bad, f"{k}: {bad}"
