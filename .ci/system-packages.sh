@@ -9,6 +9,9 @@ fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PACKAGES=(
   bubblewrap        # sandbox for autograding student code (course.sandbox)
+  postgresql        # tests/test_postgres.py starts a throw-away server (the gradebook on PostgreSQL)
+  chromium          # the browser the end-to-end JupyterLab test drives (tests/browser, Playwright)
+  chromium-driver   #   and its driver, from Debian: the test never downloads a browser
 )
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

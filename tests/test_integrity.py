@@ -99,7 +99,7 @@ def test_instrumented_cell_behaves_like_the_original():
     assert err is None
     kinds = [r["k"] for r in records]
     assert kinds[0] == "begin" and kinds[-1] == "done"
-    assert kinds.count("a") == 9, kinds  # 6 asserts, one of them three times in a loop
+    assert kinds.count("a") == 8, kinds  # 6 asserts, one of them three times in a loop
 
 
 def test_failing_assert_raises_with_its_message():
@@ -111,7 +111,7 @@ def test_the_reference_judges_itself_correct(reference):
     recs, plan = reference
     v = judge(recs, recs, plan, nonce="n1")
     assert v.ok, v.why
-    assert v.recomputed >= 8
+    assert v.recomputed == 8
 
 
 def test_an_honest_different_implementation_passes(reference):
@@ -185,14 +185,16 @@ def test_the_tests_own_values_are_anchored_to_the_reference(reference):
 
 
 def test_unstable_values_are_not_anchored():
-    src = "x = torch.randn(3)\nassert (pick(x, torch.tensor([0])) == x[:1]).all()\n"
+    """A value drawn without a seed differs between the reference runs A and B, so it is not anchored."""
+    src = "x = torch.randn(3)\nassert x.abs().sum() < 100\n"
     ref_a, _, plan = run_instrumented(correct_pick, src=src, seed=1)
     ref_b, _, _ = run_instrumented(correct_pick, src=src, seed=2)
     student, err, _ = run_instrumented(correct_pick, nonce="n2", src=src, seed=3)
     assert err is None
     assert judge(student, ref_a, plan, ref_b=ref_b).ok
-    # with B equal to A the draw would count as stable and the student's other draw as a changed test value
-    assert not judge(student, ref_a, plan, ref_b=ref_a).ok
+    # were it stable (B equal to A), the student's other draw would be a changed test value
+    v = judge(student, ref_a, plan, ref_b=ref_a)
+    assert not v.ok and v.flags[0]["kind"] == "test_values_differ"
 
 
 def test_taint_follows_the_students_values():

@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k}: {p}")
         return 0
 
-    from course.batch.runner import BatchLocked, grade
+    from course.batch.runner import BatchLocked, WorkerRefused, grade
 
     try:
         s = grade(args.assignments, args.course_dir, workers=args.workers, warm=not args.cold,
                   fast_shutdown=not args.graceful_shutdown, regrade=args.regrade,
                   retry_failed=args.retry_failed, students=args.students, progress=not args.no_progress,
                   job_timeout=args.job_timeout)
-    except BatchLocked as exc:
+    except (BatchLocked, WorkerRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = len(s.graded) + len(s.failed)

@@ -44,6 +44,11 @@ import nbformat
 
 STATE_DIR = ".batch"
 MAX_ATTEMPTS = 2
+# Files that grading one submission writes besides autograded/ and the
+# gradebook, relative to the course root: the integrity record of
+# course.integrity (flags shown beside the grade). The worker hands them
+# back and the merge puts them in place, replacing the old one.
+SIDE_FILES = ["integrity/{assignment}/{student}.json"]
 
 
 # --------------------------------------------------------------------------- course configuration
@@ -317,6 +322,10 @@ class BatchLocked(RuntimeError):
     pass
 
 
+class WorkerRefused(RuntimeError):
+    """The course's nbgrader configuration refused to autograde (e.g. no sandbox)."""
+
+
 def grade(assignments: list[str], course_dir: Path | str | None = None, workers: int | None = None,
           warm: bool = True, fast_shutdown: bool = True, regrade: bool = False, retry_failed: bool = False,
           students: list[str] | None = None, progress: bool = True, job_timeout: float = 3600.0,
@@ -448,6 +457,8 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
                 while b"\n" in w.buf:
                     line, w.buf = w.buf.split(b"\n", 1)
                     msg = json.loads(line)
+                    if "fatal" in msg:
+                        raise WorkerRefused(msg["fatal"])
                     if msg.get("ready"):
                         ready[w.k] = True
                         summary.zygote = msg.get("zygote", {})
@@ -531,6 +542,15 @@ def merge(course: Course, db, w: Worker, job: Job, msg: dict) -> None:
     rows = gbm.rows_from_json(msg.get("rows"))
     if rows is not None:
         gbm.replace_submission(db, a, s, rows)
+    # 2b. per-submission records of the course's preprocessors (integrity flags)
+    for k, pattern in enumerate(SIDE_FILES):
+        src = w.dir / "out" / "side" / str(k)
+        if src.exists():
+            dst = course.root / pattern.format(assignment=a, student=s)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.batch-new")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
     # 3. the log and the journal entry, last
     log = w.dir / "out" / "autograde.log"
     if log.exists():

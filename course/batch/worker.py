@@ -44,6 +44,9 @@ def _protocol_channel():
     return out
 
 
+from course.batch.runner import SIDE_FILES  # noqa: E402
+
+
 def _chain(first, second):
     if first is None:
         return second
@@ -81,8 +84,20 @@ def main() -> int:
     from nbgrader.utils import capture_log
     from traitlets.config import Config
 
-    app = AutogradeApp()
-    app.initialize([])
+    # load the configuration exactly as `nbgrader autograde` does: a course
+    # config that checks its command (the sandbox refusing to run without
+    # bubblewrap, say) sees "autograde", and a refusal stops the batch loudly
+    argv0 = sys.argv[0]
+    sys.argv = [argv0, "autograde"]
+    try:
+        app = AutogradeApp()
+        app.initialize([])
+    except BaseException as exc:  # noqa: BLE001 - SystemExit from the config included
+        msg = str(exc) if isinstance(exc, SystemExit) else traceback.format_exc()
+        proto.write(json.dumps({"ready": False, "fatal": msg or repr(exc)}) + "\n")
+        return 3
+    finally:
+        sys.argv = [argv0]
     overlay = Config()
     for name, hook in timing.HOOKS.items():
         existing = app.config.Execute.get(name) if "Execute" in app.config else None
@@ -108,7 +123,7 @@ def main() -> int:
         t0 = time.perf_counter()
         a, s = job["assignment"], job["student"]
         out = workdir / "out"
-        for d in (workdir / "submitted", workdir / "autograded", out):
+        for d in (workdir / "submitted", workdir / "autograded", workdir / "integrity", out):
             shutil.rmtree(d, ignore_errors=True)
         db_path = workdir / "gradebook.db"
         for p in workdir.glob("gradebook.db*"):
@@ -138,6 +153,11 @@ def main() -> int:
             graded = workdir / "autograded" / s / a
             if graded.exists():
                 graded.rename(out / "autograded")
+            for k, pattern in enumerate(SIDE_FILES):  # per-submission records of the course's own preprocessors
+                side = workdir / pattern.format(assignment=a, student=s)
+                if side.is_file():
+                    (out / "side").mkdir(exist_ok=True)
+                    side.rename(out / "side" / str(k))
             (out / "autograde.log").write_text(res.get("log", "") + ("\n" + res["error"] if "error" in res else ""))
             notebooks = timing.split(timing.EVENTS)
             result.update(ok=bool(res.get("success")), error=_short_error(res), rows=rows_to_json(rows),

@@ -340,7 +340,7 @@ def summarize(x, depth: int = 0) -> dict:
                                              for k, v in list(x.items())[:MAX_ITEMS]], **_ident(x)}
     if isinstance(x, type):
         return {"t": "type", "q": _qual(x), "mro": [_qual(c) for c in x.__mro__], "main": _from_notebook(x),
-                "abc": type(x).__name__ != "type", **_ident(x)}
+                "abc": type(x).__instancecheck__ is not type.__instancecheck__, **_ident(x)}
     for key in ("dtype", "device"):
         cls = _orig.get(key)
         if cls is not None and t is cls:

@@ -165,12 +165,14 @@ def build_command(
         cmd += ["--ro-bind", str(etc_dir / name), f"/etc/{name}"]
     cmd += ["--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
+    made: set[str] = set()
     for d in SYS_DIRS:
         if Path(d).exists():
-            cmd += _dirs_for(Path(d)) + ["--ro-bind", d, d]
+            cmd += [a for p in _dirs_for(Path(d))[3::4] if p not in made and not made.add(p)
+                    for a in ("--perms", "0755", "--dir", p)] + ["--ro-bind", d, d]
     mounted: list[Path] = []
     for root in python_roots() + [course_package_dir()]:
-        if any(root == m or m in root.parents for m in mounted) or str(root).startswith("/usr/"):
+        if any(root == m or m in root.parents for m in mounted) or root == Path("/usr") or Path("/usr") in root.parents:
             continue
         cmd += _dirs_for(root) + ["--ro-bind", str(root), str(root)]
         mounted.append(root)

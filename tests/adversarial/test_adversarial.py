@@ -1,0 +1,58 @@
+"""Attacks on grading (attacks.toml), graded by real nbgrader autograde: the course's configuration must
+give no attack a point it did not earn, flag it, finish the batch, keep other students' grades and the
+instructor's files as they were. The same batch graded by stock nbgrader is reported beside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from suite import BLANK, HONEST_FIRST, HONEST_LAST, MAX_POINTS, grade_both, load_attacks, outcome, report, student_of
+
+ATTACKS = load_attacks()
+pytestmark = pytest.mark.grading
+_RESULTS: list = []
+
+
+@pytest.fixture(scope="session")
+def adversarial():
+    work = Path(tempfile.mkdtemp(prefix="course-adversarial-"))
+    modes = ("course", "stock") if os.environ.get("COURSE_ADVERSARIAL_STOCK", "1") != "0" else ("course",)
+    results = grade_both(work, modes)
+    _RESULTS.append(results)
+    yield results
+    if not os.environ.get("COURSE_KEEP_WORKSPACE"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("i,attack", list(enumerate(ATTACKS)), ids=[a.name for a in ATTACKS])
+def test_attack_is_defended(adversarial, i, attack):
+    ok, text = outcome(adversarial["course"], attack, student_of(i, attack))
+    assert ok, f"{attack.name} ({attack.why}): {text}\n" + "\n".join(
+        adversarial["course"].students[student_of(i, attack)].flag_details)
+
+
+def test_honest_students_keep_full_marks_and_no_flag(adversarial):
+    res = adversarial["course"]
+    for st in (HONEST_FIRST, HONEST_LAST):
+        r = res.students[st]
+        assert r.score == MAX_POINTS, f"{st}: {r.score}"
+        assert not r.flags, f"{st}: {r.flag_details}"
+    assert res.honest_before == MAX_POINTS
+    assert res.students[BLANK].score == 0 and not res.students[BLANK].flags
+
+
+def test_the_batch_finishes(adversarial):
+    assert adversarial["course"].stopped_at is None
+
+
+def test_instructor_files_are_byte_for_byte_the_same(adversarial):
+    assert adversarial["course"].changed_files() == []
+
+
+def test_feedback_shows_no_hidden_test(adversarial):
+    assert adversarial["course"].students[HONEST_FIRST].feedback_leak is False
