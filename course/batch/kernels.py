@@ -43,6 +43,18 @@ from course.batch.timing import _record as event
 
 # set by the worker
 _ZYGOTE: "Zygote | None" = None
+LIVE: dict[int, int] = {}  # pid -> process group of every kernel this process started and has not cleaned up
+
+
+def kill_all() -> None:
+    """Kill every kernel still running (the worker is being stopped)."""
+    for pid, pgid in list(LIVE.items()):
+        for fn, arg in ((os.killpg, pgid), (os.kill, pid)):
+            try:
+                fn(arg, signal.SIGKILL)
+            except (OSError, TypeError):
+                pass
+    LIVE.clear()
 
 
 class ForkedProcess:
@@ -177,6 +189,7 @@ class WarmProvisioner(LocalProvisioner):
         args = warm_args(cmd)
         if args is None or _ZYGOTE is None:
             info = await super().launch_kernel(cmd, **kwargs)
+            LIVE[self.pid] = self.pgid or self.pid
             event("launched_cold")
             return info
         env = dict(kwargs.get("env") or os.environ)
@@ -186,17 +199,20 @@ class WarmProvisioner(LocalProvisioner):
             pid = _ZYGOTE.fork(args, cwd, env)
         except Exception:  # noqa: BLE001 - never fail a grade because the fast path failed
             info = await super().launch_kernel(cmd, **kwargs)
+            LIVE[self.pid] = self.pgid or self.pid
             event("launched_cold")
             return info
         self.process = ForkedProcess(pid)  # type: ignore[assignment]
         self.pid = pid
         self.pgid = pid  # the kernel called setsid()
         self.cwd = cwd
+        LIVE[pid] = pid
         event("launched_warm")
         return self.connection_info
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)
+        LIVE.pop(getattr(self, "pid", None), None)
         event("kernel_gone")
 
 

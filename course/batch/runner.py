@@ -258,7 +258,13 @@ class Worker:
         self.proc.stdin.flush()
 
     def kill(self) -> None:
+        """Stop the worker now; it kills its kernels on SIGTERM (SIGKILL after 3 s)."""
         if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.terminate()
+                self.proc.wait(timeout=3)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:

@@ -64,6 +64,15 @@ def main() -> int:
     from course.batch.zygote import PR_SET_PDEATHSIG, prctl
 
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def stop(signum, frame):  # the parent stops us (or died): take our kernels along
+        from course.batch import kernels
+
+        kernels.kill_all()
+        kernels.shutdown()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     extra = os.environ.pop("BATCH_EXTRA_PATH", None)
     orig = json.loads(os.environ.pop("BATCH_ORIG_PYTHONPATH", "null"))
     if orig is None:

@@ -239,7 +239,9 @@ def state_report() -> list[dict]:
         cur = now["watched"].get(k, _MISSING)
         if cur is _MISSING:
             out.append({"k": "patched_function", "d": f"{k} deleted"})
-        elif cur is not v and not _same_function(cur, v):
+        elif cur is not v and not _same_function(cur, v) and _from_notebook(cur):
+            # libraries replace a few functions of their own (torch._dynamo wraps torch.manual_seed when an
+            # optimizer is first built): only a replacement written in the notebook counts
             out.append({"k": "patched_function", "d": f"{k} replaced by {_short(cur)}"})
     for k, v in _snap["modules"].items():
         if v is not None and sys.modules.get(k) is not v:
@@ -266,13 +268,25 @@ def _same_function(a, b) -> bool:
         b, "__self__", None)
 
 
-def _from_notebook(obj) -> bool:
+def _from_notebook(obj, depth: int = 0) -> bool:
+    """Was ``obj`` (a function, a wrapper of one, a class or an instance of one) written in a notebook cell?"""
+    if obj is None or depth > 4:
+        return False
     code = getattr(obj, "__code__", None) or getattr(getattr(obj, "__call__", None), "__code__", None)
     fn = getattr(code, "co_filename", "") or ""
     if "ipykernel_" in fn or fn.startswith("<ipython-input-"):
         return True
-    mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
-    return mod == "__main__"
+    try:
+        mod = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
+    except Exception:
+        mod = None
+    if mod == "__main__" or getattr(type(obj), "__module__", None) == "__main__":
+        return True
+    for attr in ("__wrapped__", "__func__", "func", "fget"):
+        inner = getattr(obj, attr, None) if not isinstance(obj, type) else None
+        if inner is not None and inner is not obj and _from_notebook(inner, depth + 1):
+            return True
+    return False
 
 
 def _short(x) -> str:
