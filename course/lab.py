@@ -132,7 +132,7 @@ def write_config(role: str, config_dir: Path, exchange: Path, student_id: str | 
 def lab_env(config_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: ``config_dir`` first, the user's own configuration and settings kept."""
     env = dict(os.environ if base is None else base)
-    user_dir = env.get("JUPYTER_CONFIG_DIR") or str(Path.home() / ".jupyter")
+    user_dir = env.get("JUPYTER_CONFIG_DIR") or str(Path(env.get("HOME") or Path.home()) / ".jupyter")
     # JupyterLab keeps its user settings and workspaces under the config dir unless told otherwise
     env.setdefault("JUPYTERLAB_SETTINGS_DIR", str(Path(user_dir) / "lab" / "user-settings"))
     env.setdefault("JUPYTERLAB_WORKSPACES_DIR", str(Path(user_dir) / "lab" / "workspaces"))

@@ -348,3 +348,56 @@ def test_honest_submissions_raise_no_flag(course_report, student):
             assert v.get("sandbox") == "on" or os.environ.get("COURSE_SANDBOX") == "off", k
             bad = {g: c["why"] for g, c in v.get("cells", {}).items() if not c["ok"]}
             assert not bad, f"{k}: {bad}"
+
+
+# ----------------------------------------------------------------- guard
+
+
+def _guard_case():
+    from course.integrity.reference import GradebookNotebook
+
+    test_src = "assert f(1) == 2\n### BEGIN HIDDEN TESTS\nassert f(2) == 3\n### END HIDDEN TESTS"
+    gb = GradebookNotebook(
+        source={"f": {"cell_type": "code", "locked": False, "source": "def f(x): ...", "checksum": ""},
+                "test_f": {"cell_type": "code", "locked": True, "source": test_src, "checksum": ""}},
+        grade={"test_f": 1.0}, solution={"f"}, task={})
+    meta = {"grade": False, "grade_id": "f", "locked": False, "schema_version": 3, "solution": True, "task": False}
+    tmeta = {"grade": True, "grade_id": "test_f", "locked": True, "points": 1, "schema_version": 3,
+             "solution": False, "task": False}
+    return gb, meta, tmeta, test_src
+
+
+def test_guard_repairs_metadata_that_would_stop_a_batch():
+    from course.integrity.guard import GuardSubmission, released
+
+    gb, meta, tmeta, test_src = _guard_case()
+    cells = [nbformat.v4.new_code_cell("def f(x):\n    return x + 1", metadata={"nbgrader": dict(meta)}),
+             nbformat.v4.new_code_cell(released(test_src), metadata={"nbgrader": {}}),  # as after a copy
+             nbformat.v4.new_code_cell("x = 1", metadata={"nbgrader": {"grade_id": "test_f"}})]  # broken, known
+    nb = nbformat.v4.new_notebook(cells=cells)
+    g = GuardSubmission()
+    flags = g._repair_metadata(nb, gb)
+    assert "nbgrader" not in nb.cells[1].metadata
+    assert nb.cells[2].metadata["nbgrader"] == gb.canonical_metadata("test_f")
+    assert [f["kind"] for f in flags] == ["damaged_metadata", "damaged_metadata"]
+    from nbgrader.nbgraderformat import MetadataValidator
+
+    MetadataValidator().validate_nb(nb)  # what stopped stock nbgrader's batch now passes
+
+
+def test_guard_keeps_only_the_last_duplicate_and_flags_structure():
+    from course.integrity.guard import GuardSubmission, released
+
+    gb, meta, tmeta, test_src = _guard_case()
+    cells = [nbformat.v4.new_code_cell("def f(x):\n    return x + 1", metadata={"nbgrader": dict(meta)}),
+             nbformat.v4.new_code_cell(released(test_src), metadata={"nbgrader": dict(tmeta)}),
+             nbformat.v4.new_code_cell("assert True", metadata={"nbgrader": dict(tmeta)})]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    g = GuardSubmission()
+    flags = g._repair_metadata(nb, gb) + g._structure(nb, gb, None)
+    kinds = [f["kind"] for f in flags]
+    assert "nbgrader" not in nb.cells[1].metadata and nb.cells[2].metadata["nbgrader"]["grade_id"] == "test_f"
+    assert kinds == ["duplicate_cell", "changed_locked_cell"]
+
+    stripped = nbformat.v4.new_notebook(cells=[cells[0], nbformat.v4.new_code_cell(released(test_src))])
+    assert [f["kind"] for f in g._structure(stripped, gb, None)] == ["test_cell_without_metadata"]

@@ -44,6 +44,33 @@ def ensure_schema(db_url: str, course_id: str) -> None:
     Gradebook(db_url, course_id).close()
 
 
+def make_template(path: Path, main: Engine, course_id: str) -> None:
+    """An empty SQLite gradebook with nbgrader's schema, the course row and main's schema version.
+
+    The same as what ``Gradebook()`` creates, without its ``alembic heads``
+    subprocess: the version is read from the instructor's gradebook.
+    """
+    from sqlalchemy import text
+
+    with main.connect() as conn:
+        try:
+            version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except Exception:  # noqa: BLE001 - no version table: let nbgrader make one
+            version = None
+    if version is None:
+        ensure_schema(f"sqlite:///{path}", course_id)
+        return
+    db = engine(f"sqlite:///{path}")
+    try:
+        Base.metadata.create_all(bind=db)
+        with db.begin() as conn:
+            conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            conn.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": version})
+            conn.execute(T["course"].insert(), [{"id": course_id}])
+    finally:
+        db.dispose()
+
+
 # --------------------------------------------------------------------------- reading rows
 
 def _rows(conn: Connection, table: str, where) -> list[dict[str, Any]]:

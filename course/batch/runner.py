@@ -362,7 +362,7 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         template = run_dir / "template.db"
-        gbm.ensure_schema(f"sqlite:///{template}", course.course_id)
+        gbm.make_template(template, db, course.course_id)
         definitions = {}
         with db.connect() as conn:
             for a in assignments:

@@ -611,8 +611,21 @@ def records_by_kind(records: list[dict], nonce: str) -> tuple[list[dict], bool, 
 
 
 def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
-               nonce: str, ref_nonces: tuple[str, str | None]) -> CellVerdict:
-    """Verdict on one test cell. ``plans`` maps (gid, aid) -> assert plan dict (all cells of the notebook)."""
+               nonce: str, ref_nonces: tuple[str, str | None], hidden: dict | None = None) -> CellVerdict:
+    """Verdict on one test cell. ``plans`` maps (gid, aid) -> assert plan dict (all cells of the notebook).
+
+    ``hidden`` maps a grade_id to the line numbers of its hidden-test region: the reason given for a
+    failure (which the student sees in the feedback) never quotes a hidden line.
+    """
+    hidden = hidden or {}
+
+    def where(rec) -> str:
+        plan = plans.get((rec["g"], rec["i"])) or {}
+        line = plan.get("lineno")
+        if line is None or line in hidden.get(rec["g"], ()):
+            return "a hidden check"
+        return f"the check on line {line}" + ("" if rec["g"] == gid else f" of {rec['g']}")
+
     s_asserts, s_begin, s_done, alien = records_by_kind(student, nonce)
     a_asserts, a_begin, a_done, _ = records_by_kind(ref_a, ref_nonces[0])
     b_asserts, _, b_done, _ = records_by_kind(ref_b or [], ref_nonces[1] or "") if ref_b is not None else ([], 0, 0, [])
@@ -642,12 +655,12 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
         return v
     for k, rec in enumerate(s_asserts):
         plan = plans.get((rec["g"], rec["i"]))
-        if rec.get("ok") is not True:
-            v.why = f"check {k + 1} failed"
-            return v
         if plan is None:
-            v.why = f"check {k + 1} is not in the test"
+            v.why = "evidence for a check that is not in the test"
             v.flags.append({"kind": "forged_evidence", "detail": f"evidence for an unknown check {rec.get('i')}"})
+            return v
+        if rec.get("ok") is not True:
+            v.why = f"{where(rec)} failed"
             return v
         if not plan.get("instrumented", True):
             continue
@@ -663,11 +676,14 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
                     ra, rb = ref["v"].get(path), refb["v"].get(path)
                     if ra is not None and rb is not None and same_value(ra, rb):
                         if not same_value(sv, ra):
-                            v.why = f"check {k + 1}: the test's own value `{_clip(leaf['src'])}` differs from the reference run"
+                            shown = "" if where(rec) == "a hidden check" else f" `{_clip(leaf['src'])}`"
+                            v.why = f"{where(rec)}: a value the test computes itself{shown} differs from the " \
+                                    "reference run"
                             v.flags.append({"kind": "test_values_differ",
-                                            "detail": f"{gid}, check {k + 1}: `{_clip(leaf['src'])}` differs from "
-                                                      "the reference run (patched library function, redefined "
-                                                      "name, or inputs changed by the answer)"})
+                                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): "
+                                                      f"`{_clip(leaf['src'])}` differs from the reference run "
+                                                      "(patched library function, redefined name, or inputs "
+                                                      "changed by the answer)"})
                             return v
                         sv = dict(ra, id=sv.get("id")) if "id" in sv else ra
                 values[path] = decode(sv)
@@ -679,9 +695,10 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
         try:
             res = truth(ev.run(plan["tree"]))
         except Untrusted as exc:
-            v.why = f"check {k + 1} cannot be trusted: {exc}"
+            v.why = f"{where(rec)} cannot be trusted: {exc}"
             v.flags.append({"kind": "comparison_forged",
-                            "detail": f"{gid}, check {k + 1}: {exc} (its __eq__ and friends are the student's)"})
+                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): {exc} (its __eq__ and "
+                                      "friends are the student's)"})
             return v
         except Uncertain:
             continue
@@ -689,10 +706,11 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
             continue
         v.recomputed += 1
         if not res:
-            v.why = f"check {k + 1} does not hold when the grader recomputes it"
+            v.why = f"{where(rec)} does not hold when the grader recomputes it"
             v.flags.append({"kind": "comparison_forged",
-                            "detail": f"{gid}, check {k + 1}: the kernel reported success but the values it "
-                                      "reported fail the check (patched comparison or hidden failure)"})
+                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): the kernel reported "
+                                      "success but the values it reported fail the check (patched comparison or "
+                                      "hidden failure)"})
             return v
     v.ok = True
     return v

@@ -21,12 +21,17 @@ and a test cell that is missing or stripped earns nothing.
 
 :class:`SubmissionCheck` is nbgrader's ``pre_convert_hook``: it flags missing,
 renamed (unknown), unreadable notebooks and extra files (a ``torch.py`` or
-``sitecustomize.py`` handed in next to the notebooks) once per submission.
+``ipykernel_launcher.py`` handed in next to the notebooks) once per
+submission, and replaces symbolic links in a submission by a note: nbgrader
+copies a submission's files following links, as the instructor, so a link to
+``../../../source/...`` would otherwise hand the instructor's file to the
+student's code.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -277,14 +282,24 @@ class SubmissionCheck:
         for base in (release, source):
             if base.exists():
                 known_files |= {str(p.relative_to(base)) for p in base.rglob("*")}
-        for p in sorted(sub.rglob("*")):
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(sub, followlinks=False):
+            entries += [Path(dirpath) / n for n in dirnames + filenames]
+        for p in sorted(entries):
             rel = str(p.relative_to(sub))
+            if p.is_symlink():
+                # nbgrader copies a submission's files with shutil.copy, which follows links: a link to
+                # ../../../source/... would hand the instructor's file to the student's code. Replace it.
+                target = os.readlink(p)
+                p.unlink()
+                p.write_text(f"This was a symbolic link to {target}; the grader replaced it.\n")
+                flags.append(_flag("extra_file", f"{rel} was a symbolic link to {target} (replaced by a note "
+                                                 "before grading)"))
+                continue
             if p.suffix == ".ipynb" and p.parent == sub or rel in known_files or ".ipynb_checkpoints" in p.parts \
                     or "__pycache__" in p.parts or rel == "timestamp.txt":
                 continue
-            if p.is_symlink():
-                flags.append(_flag("extra_file", f"{rel} is a symbolic link to {p.readlink()}"))
-            elif p.name in SHADOWING or p.parts[len(sub.parts)] in SHADOWING:
+            if p.name in SHADOWING or p.parts[len(sub.parts)] in SHADOWING:
                 flags.append(_flag("extra_file", f"{rel} would shadow a Python module the grader or the notebook "
                                                  "imports"))
             elif p.is_file():

@@ -174,6 +174,8 @@ class CheckEvidence(NbGraderPreprocessor):
         ref_runs = ref.get("runs", [{}, {}])
         nonces = ref.get("nonces", ["", ""])
         verdicts = {}
+        hidden = {nbg(c).get("grade_id"): hidden_line_numbers(info["originals"].get(i, c.source))
+                  for i, c in enumerate(nb.cells) if role(c) == "test"}
         for i, cell in enumerate(nb.cells):
             if role(cell) != "test":
                 continue
@@ -182,7 +184,7 @@ class CheckEvidence(NbGraderPreprocessor):
                 continue
             v = judge_cell(gid, plans, records.get(i, []), ref_runs[0].get(gid, []),
                            ref_runs[1].get(gid) if len(ref_runs) > 1 else None, nonce,
-                           (nonces[0], nonces[1] if len(nonces) > 1 else None))
+                           (nonces[0], nonces[1] if len(nonces) > 1 else None), hidden)
             verdicts[gid] = v.to_json()
             for f in v.flags:
                 f["source"] = "evidence"
@@ -233,15 +235,42 @@ class CheckEvidence(NbGraderPreprocessor):
         flags += aflags
         cd = CourseDirectory(config=self.config)
         try:
-            report.set_stage_flags(cd.root, nbinfo["assignment"], nbinfo["student"], nbinfo["notebook"], "run",
-                                   flags, cells=verdicts, sandbox="on" if sandboxed and requested() else "off",
-                                   execution={"stopped": stopped, "truncated_cells": execution.get("truncated_cells")})
+            everything = report.set_stage_flags(
+                cd.root, nbinfo["assignment"], nbinfo["student"], nbinfo["notebook"], "run", flags, cells=verdicts,
+                sandbox="on" if sandboxed and requested() else "off",
+                execution={"stopped": stopped, "truncated_cells": execution.get("truncated_cells")})
+            if everything:
+                self._flag_in_gradebook(nbinfo)
         except Exception:
             self.log.error("integrity: could not write the record: %s", traceback.format_exc())
         for f in flags:
             self.log.warning("integrity flag %s/%s/%s: %s: %s", nbinfo["student"], nbinfo["assignment"],
                              nbinfo["notebook"], f["kind"], f["detail"])
         return nb, resources
+
+
+    def _flag_in_gradebook(self, nbinfo: dict) -> None:
+        """Raise nbgrader's own flag on the submitted notebook, which the formgrader shows (never lowered here)."""
+        from nbgrader.api import Gradebook
+
+        with Gradebook(nbinfo["db_url"]) as gb:
+            sub = gb.find_submission_notebook(nbinfo["notebook"], nbinfo["assignment"], nbinfo["student"])
+            if not sub.flagged:
+                sub.flagged = True
+                gb.db.commit()
+
+
+def hidden_line_numbers(source: str) -> set[int]:
+    """1-based numbers of the lines of a cell's hidden-test regions (markers included)."""
+    out, inside = set(), False
+    for n, line in enumerate(source.splitlines(), start=1):
+        if "BEGIN HIDDEN TESTS" in line:
+            inside = True
+        if inside:
+            out.add(n)
+        if "END HIDDEN TESTS" in line:
+            inside = False
+    return out
 
 
 def _ends_in_expression(source: str) -> bool:

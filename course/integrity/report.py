@@ -99,7 +99,8 @@ def _locked(path: Path):
 
 
 def set_stage_flags(root, assignment: str, student: str, notebook: str, stage: str, flags: list[dict],
-                    **sections) -> None:
+                    **sections) -> list[dict]:
+    """Record one stage's flags (``guard``: before nbgrader sanitises, ``run``: after the run); return all."""
     path = record_path(root, assignment, student)
     with _locked(path) as data:
         data["assignment"], data["student"] = assignment, student
@@ -108,6 +109,7 @@ def set_stage_flags(root, assignment: str, student: str, notebook: str, stage: s
         nb.update(sections)
         nb["flags"] = [f for st in ("guard", "run") for f in nb["stages"].get(st, [])]
         nb["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        return list(nb["flags"])
 
 
 def set_submission_flags(root, assignment: str, student: str, flags: list[dict]) -> None:

@@ -71,6 +71,7 @@ class Attack:
     unsafe: bool = False
     harms: list = field(default_factory=list)
     marker: str = ""
+    links: dict = field(default_factory=dict)
 
 
 def load_attacks() -> list[Attack]:
@@ -189,6 +190,8 @@ def write_submission(course: Path, student: str, release_nb, attack: Attack | No
     (sub / name).write_text(text)
     for fname, content in (attack.files if attack else {}).items():
         (sub / fname).write_text(content)
+    for fname, target in (attack.links if attack else {}).items():
+        (sub / fname).symlink_to(target)
 
 
 # ------------------------------------------------------------------ grading

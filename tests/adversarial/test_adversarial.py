@@ -56,3 +56,36 @@ def test_instructor_files_are_byte_for_byte_the_same(adversarial):
 
 def test_feedback_shows_no_hidden_test(adversarial):
     assert adversarial["course"].students[HONEST_FIRST].feedback_leak is False
+
+
+def test_the_report_shows_flags_beside_grades(adversarial):
+    import subprocess
+    import sys
+
+    res = adversarial["course"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    p = subprocess.run([sys.executable, "-m", "course.integrity", "report", "adv", "--brief"], cwd=res.course,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith(("a000", "b", "z999"))}
+    assert "5.0 / 5.0  ok" in lines[HONEST_FIRST]
+    assert "FLAGS: ipython_hook" in lines[student_of(0, ATTACKS[0])]
+    assert (res.course / "integrity" / "adv.csv").exists()
+
+
+def test_autograded_notebooks_keep_the_original_tests(adversarial):
+    import nbformat
+
+    res = adversarial["course"]
+    src = nbformat.read(str(res.course / "source" / "adv" / "adv_lookup.ipynb"), as_version=4)
+    got = nbformat.read(str(res.course / "autograded" / HONEST_FIRST / "adv" / "adv_lookup.ipynb"), as_version=4)
+    tests = lambda nb: [c.source for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade")]  # noqa
+    assert tests(got) == tests(src)
+    assert len(got.cells) == len(src.cells)
+    assert "application/vnd.course.evidence+json" not in json_dump(got)
+
+
+def json_dump(nb) -> str:
+    import json
+
+    return json.dumps(nb)

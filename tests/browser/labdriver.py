@@ -158,12 +158,16 @@ class Lab:
         self.page.locator(".lm-Menu-content .lm-Menu-itemLabel",
                           has_text=re.compile(f"^{re.escape(item)}$")).click()
 
-    def shot(self, name: str, locator=None) -> Path:
-        """Screenshot of the page (or of one element) into the artifacts folder."""
+    def shot(self, name: str, locator=None, top=None) -> Path:
+        """Screenshot into the artifacts folder: of the page, of one element (``locator``),
+        or of the page scrolled so that ``top`` is the first thing in view."""
         path = self.artifacts / f"{self.first_shot + len(self.shots):02d}_{self.server.role}_{name}.png"
-        if locator is not None:
+        if top is not None:
+            top.evaluate("e => e.scrollIntoView({block: 'start'})")
+        elif locator is not None:
             locator.scroll_into_view_if_needed()
-            self.page.wait_for_timeout(300)  # let MathJax and the editor settle after scrolling
+        if top is not None or locator is not None:
+            self.page.wait_for_timeout(400)  # let MathJax and the editors render what scrolled into view
         (locator or self.page).screenshot(path=str(path))
         self.shots.append(path)
         return path
