@@ -22,6 +22,7 @@ the batch prints.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -209,6 +210,25 @@ class WarmProvisioner(LocalProvisioner):
         LIVE[pid] = pid
         event("launched_warm")
         return self.connection_info
+
+    async def kill(self, restart: bool = False) -> None:
+        """Stop the kernel at once (the batch sets ``shutdown_kernel = "immediate"``).
+
+        A forked kernel is simply killed. Any other kernel may be a launcher
+        that must clean up after itself (the course sandbox removes its
+        private folder and closes its audit log on SIGTERM): it gets SIGTERM
+        and up to 5 s before the process group is killed.
+        """
+        proc = self.process
+        if proc is not None and not isinstance(proc, ForkedProcess) and proc.poll() is None:
+            try:
+                proc.terminate()
+                deadline = time.monotonic() + 5
+                while proc.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            except OSError:
+                pass
+        await super().kill(restart)
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)

@@ -136,6 +136,9 @@ def _figures(d: AssignmentData):
     ax.set_xlim(0, 100)
     ax.set_xlabel("autograded score (% of the autograded points)")
     ax.set_ylabel("students")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     failed = sum(r["status"] == "failed" for r in d.rows)
     ax.set_title(f"{d.name}: {len(graded)} graded" + (f", {failed} could not be graded" if failed else ""))
     fig1.tight_layout()
