@@ -52,7 +52,9 @@ def install() -> None:
         run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", "requirements.txt"])
         run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-e", "."])
         STAMP.write_text(wanted)
-    run([PY, "-m", "course.assets"])
+    run([PY, "-m", "course.assets", "--quiet"])
+    # the kernelspec nbgrader autograde uses to run student code in the bubblewrap sandbox
+    run([PY, "-m", "course.sandbox", "install"])
     say(f"setup done in {time.perf_counter() - t0:.0f} s")
 
 
