@@ -39,6 +39,12 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1400, "height": 900}
+SCROLL_TO_TOP = """(e, margin) => {
+    e.scrollIntoView({block: 'start'});
+    let p = e.parentElement;
+    while (p && !['auto', 'scroll'].includes(getComputedStyle(p).overflowY)) p = p.parentElement;
+    (p || e.ownerDocument.scrollingElement).scrollBy(0, -margin);
+}"""
 
 
 def find_chromium() -> str | None:
@@ -158,12 +164,12 @@ class Lab:
         self.page.locator(".lm-Menu-content .lm-Menu-itemLabel",
                           has_text=re.compile(f"^{re.escape(item)}$")).click()
 
-    def shot(self, name: str, locator=None, top=None) -> Path:
+    def shot(self, name: str, locator=None, top=None, margin: int = 0) -> Path:
         """Screenshot into the artifacts folder: of the page, of one element (``locator``),
-        or of the page scrolled so that ``top`` is the first thing in view."""
+        or of the page scrolled so that ``top`` is the first thing in view (``margin`` pixels below the top)."""
         path = self.artifacts / f"{self.first_shot + len(self.shots):02d}_{self.server.role}_{name}.png"
         if top is not None:
-            top.evaluate("e => e.scrollIntoView({block: 'start'})")
+            top.evaluate(SCROLL_TO_TOP, margin)
         elif locator is not None:
             locator.scroll_into_view_if_needed()
         if top is not None or locator is not None:

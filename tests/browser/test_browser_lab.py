@@ -50,7 +50,7 @@ TASK1_POINTS = 3.0
 
 
 @pytest.fixture
-def course(tmp_path, artifacts):
+def course_dirs(tmp_path, artifacts):
     """Instructor folder, exchange, student home and the servers' environment."""
     instructor, exchange, home = tmp_path / "instructor", tmp_path / "exchange", tmp_path / "student"
     for d in (instructor, exchange, home):
@@ -69,13 +69,13 @@ def course(tmp_path, artifacts):
             "log": artifacts / "nbgrader.log"}
 
 
-def _servers_started(course, artifacts):
-    student = LabServer("student", course["home"], artifacts, course["env"], course["exchange"], STUDENT)
-    instructor = LabServer("instructor", course["instructor"], artifacts, course["env"], course["exchange"])
+def _servers_started(dirs, artifacts):
+    student = LabServer("student", dirs["home"], artifacts, dirs["env"], dirs["exchange"], STUDENT)
+    instructor = LabServer("instructor", dirs["instructor"], artifacts, dirs["env"], dirs["exchange"])
     return student.start(), instructor.start()
 
 
-def test_student_and_instructor_in_jupyterlab(course, artifacts, browser_context):
+def test_student_and_instructor_in_jupyterlab(course_dirs, artifacts, browser_context):
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -83,9 +83,9 @@ def test_student_and_instructor_in_jupyterlab(course, artifacts, browser_context
         timings[name] = time.perf_counter() - t0
 
     # both servers boot while the instructor prepares the assignment
-    student_server, instructor_server = _servers_started(course, artifacts)
+    student_server, instructor_server = _servers_started(course_dirs, artifacts)
     try:
-        inst, env, log = course["instructor"], course["env"], course["log"]
+        inst, env, log = course_dirs["instructor"], course_dirs["env"], course_dirs["log"]
         run_nbgrader(["generate_assignment", ASSIGNMENT, "--force"], inst, log, env)
         run_nbgrader(["release_assignment", ASSIGNMENT, "--force"], inst, log, env)
         lap("generate + release")
@@ -100,7 +100,7 @@ def test_student_and_instructor_in_jupyterlab(course, artifacts, browser_context
         page = browser_context.new_page()
         lab = Lab(page, student_server, artifacts)
         with lab.on_failure_screenshot():
-            _student_session(lab, course)
+            _student_session(lab, course_dirs)
         lap("student session")
 
         run_nbgrader(["collect", ASSIGNMENT, "--update"], inst, log, env)
@@ -119,7 +119,7 @@ def test_student_and_instructor_in_jupyterlab(course, artifacts, browser_context
     assert len(shots) >= 10, shots
 
 
-def _student_session(lab: Lab, course) -> None:
+def _student_session(lab: Lab, dirs) -> None:
     page = lab.page
     lab.open("lab")
     menu_items = _menu_items(lab, "Nbgrader")
@@ -132,7 +132,8 @@ def _student_session(lab: Lab, course) -> None:
     released.get_by_role("button", name="Fetch").click()
     fetched = page.locator("#fetched_assignments_list .list_item", has_text=ASSIGNMENT).first
     fetched.wait_for()
-    assert (course["home"] / COURSE_ID / ASSIGNMENT / f"{NOTEBOOK}.ipynb").exists()
+    fetched_notebook = dirs["home"] / COURSE_ID / ASSIGNMENT / f"{NOTEBOOK}.ipynb"
+    assert fetched_notebook.exists()
     page.locator("#fetched_assignments_list a.assignment-notebooks-link", has_text=ASSIGNMENT).click()
     notebook_link = page.locator("#fetched_assignments_list a", has_text=NOTEBOOK)
     notebook_link.wait_for()
@@ -207,7 +208,9 @@ def _student_session(lab: Lab, course) -> None:
     report = body.inner_text()
     (lab.artifacts / "validate_report.txt").write_text(report)
     lab.shot("validate_report")
-    assert "validate_token_ids" in report, f"Validate should report the unfinished task 2:\n{report}"
+    for unfinished in ("validate_token_ids", "quiz_1", "You did not provide a response"):
+        assert unfinished in report, f"Validate should report {unfinished!r} (task 2, quiz, questions):\n{report}"
+    assert RIGHT_ANSWER in fetched_notebook.read_text(), "Validate did not save the notebook first"
     assert CHECK_SHAPES not in report and CHECK_VALUES not in report, (
         f"Validate should not report task 1's checks, which pass:\n{report}")
     dialog.get_by_role("button").last.click()
@@ -220,7 +223,7 @@ def _student_session(lab: Lab, course) -> None:
     submitted = page.locator("#submitted_assignments_list .list_item", has_text=ASSIGNMENT)
     submitted.first.wait_for(timeout=120_000)
     lab.shot("submitted")
-    inbound = list((course["exchange"] / COURSE_ID / "inbound").glob(f"{STUDENT}+{ASSIGNMENT}+*"))
+    inbound = list((dirs["exchange"] / COURSE_ID / "inbound").glob(f"{STUDENT}+{ASSIGNMENT}+*"))
     assert inbound, "the submission did not reach the exchange"
 
 
@@ -263,7 +266,7 @@ def _instructor_session(lab: Lab) -> None:
         got = score.input_value() or score.get_attribute("placeholder")
         assert float(got) == points, f"{grade_id}: {got} points, expected {points}"
     lab.shot("formgrader_graded_checks",
-             top=frame.locator(".nbgrader_cell", has=frame.locator("input.score#test_lookup_shapes")))
+             top=frame.locator(".nbgrader_cell", has=frame.locator("input.score#test_lookup_shapes")), margin=130)
 
 
 def _menu_items(lab: Lab, top: str) -> list[str]:
