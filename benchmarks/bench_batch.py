@@ -46,6 +46,7 @@ import nbformat  # noqa: E402
 
 from course.batch import timing  # noqa: E402
 from course.batch.gradebook import dump  # noqa: E402
+from course.batch.runner import grade, time_split  # noqa: E402  (imported now: the run takes long)
 from course.grading.mutants import load_mutants  # noqa: E402
 from course.grading.notebooks import answer_cells, read_notebook  # noqa: E402
 from course.paths import SOURCE_DIR  # noqa: E402
@@ -235,8 +236,6 @@ def main(argv=None) -> int:
         print(f"stock: {wall:.0f} s, {60 * n_nb / wall:.1f} notebooks/min", flush=True)
 
     print(f"\n== batch: python -m course.batch grade ... --workers {workers}", flush=True)
-    from course.batch.runner import grade, time_split
-
     c0, t0 = cpu(), time.perf_counter()
     s = grade(assignments, ours, workers=workers, warm=not args.cold)
     wall = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from labdriver import find_chromium, launch_chromium  # noqa: E402
+from labdriver import CHROMIUM_CANDIDATES, find_chromium, launch_chromium  # noqa: E402
 
 from course.paths import REPO_ROOT  # noqa: E402
 
@@ -27,10 +27,10 @@ def pytest_configure(config):
 def chromium_path() -> str:
     path = find_chromium()
     if path is None:
-        msg = ("no Chromium on this machine (looked for $COURSE_CHROMIUM, /usr/bin/chromium, "
-               "/usr/bin/chromium-browser): the browser test needs the system's Chromium. On Debian/Ubuntu run "
-               "`bash .ci/system-packages.sh` (packages chromium and chromium-driver); "
-               "Playwright's own browser downloads are not used")
+        where = os.environ.get("COURSE_CHROMIUM") or " or ".join(CHROMIUM_CANDIDATES)
+        msg = (f"no Chromium at {where}: the browser test drives the system's Chromium (Playwright's own "
+               "browser downloads are not used). On Debian run `bash .ci/system-packages.sh` "
+               "(packages chromium and chromium-driver)")
         if os.environ.get("COURSE_BROWSER_REQUIRED", "").lower() in {"1", "true", "yes"}:
             pytest.fail(msg)
         pytest.skip(msg)
@@ -38,8 +38,10 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def artifacts() -> Path:
-    """Screenshots and logs of the browser test, kept after the run (build/ is gitignored)."""
+def artifacts(chromium_path) -> Path:
+    """Screenshots and logs of the browser test, kept after the run (build/ is gitignored).
+
+    Asks for Chromium first, so that a skipped run leaves the last run's artifacts alone."""
     if ARTIFACTS.exists():
         shutil.rmtree(ARTIFACTS)
     ARTIFACTS.mkdir(parents=True)

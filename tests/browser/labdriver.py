@@ -48,10 +48,10 @@ SCROLL_TO_TOP = """(e, margin) => {
 
 
 def find_chromium() -> str | None:
-    """Path of the system's Chromium ($COURSE_CHROMIUM overrides), or None."""
+    """Path of the system's Chromium (only $COURSE_CHROMIUM when it is set), or None."""
     wanted = os.environ.get("COURSE_CHROMIUM")
-    for path in ([wanted] if wanted else []) + list(CHROMIUM_CANDIDATES):
-        if path and Path(path).is_file() and os.access(path, os.X_OK):
+    for path in [wanted] if wanted else CHROMIUM_CANDIDATES:
+        if Path(path).is_file() and os.access(path, os.X_OK):
             return path
     return None
 

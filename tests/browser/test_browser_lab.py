@@ -26,6 +26,7 @@ import time
 import urllib.request
 
 import pytest
+from playwright.sync_api import expect
 
 from course.grading.workspace import clean_env, run_nbgrader
 from course.paths import REPO_ROOT
@@ -261,8 +262,9 @@ def _instructor_session(lab: Lab) -> None:
     nb_row.locator("a").first.click()
     for grade_id, points in (("test_lookup_shapes", 1), ("test_lookup_values", 2),
                              ("test_validate_token_ids_valid", 0)):
+        # the Formgrader's script fills in the autograded score as the field's placeholder
         score = frame.locator(f"input.score#{grade_id}")
-        score.wait_for()
+        expect(score).to_have_attribute("placeholder", re.compile(r"^\d"), timeout=60_000)
         got = score.input_value() or score.get_attribute("placeholder")
         assert float(got) == points, f"{grade_id}: {got} points, expected {points}"
     lab.shot("formgrader_graded_checks",
