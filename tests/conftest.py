@@ -14,6 +14,17 @@ from course.grading.check import CourseReport, all_assignments, grade
 _REPORT: list[CourseReport] = []
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread, and a busy machine cannot slow them down."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def course_report() -> CourseReport:
     """Reference, release and every mutant of every notebook, graded by real nbgrader autograde."""

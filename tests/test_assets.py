@@ -27,18 +27,12 @@ from course.thinker import ThinkerLM
 from course.tokenizer import BPETokenizer
 from course.training import CHECKPOINT_KEYS, load_checkpoint
 
-pytestmark = pytest.mark.package
+pytestmark = [pytest.mark.package, pytest.mark.usefixtures("one_thread")]
 
 TINY_MODEL = dict(n_layers=1, d_model=16, n_heads=2, d_ff=32, ctx_len=32)
 TINY_TRAIN = dict(steps=4, batch_size=2, seq_len=32, warmup_steps=2, eval_every=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def tiny_build(out, **kw):

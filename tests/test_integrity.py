@@ -401,3 +401,24 @@ def test_guard_keeps_only_the_last_duplicate_and_flags_structure():
 
     stripped = nbformat.v4.new_notebook(cells=[cells[0], nbformat.v4.new_code_cell(released(test_src))])
     assert [f["kind"] for f in g._structure(stripped, gb, None)] == ["test_cell_without_metadata"]
+
+
+def test_random_draws_after_a_call_into_the_answer_are_not_anchored():
+    """Run B moves the random generators after every call into the student's code: a draw the test makes
+    after such a call, without seeding again, is not a fixed value, since an honest answer may draw random
+    numbers of its own."""
+    src = ("torch.manual_seed(0)\nw = pick(torch.ones(3, 2), torch.tensor([0]))\nnoise = torch.randn(2)\n"
+           "assert torch.allclose(w[0] + noise, torch.ones(2) + noise)\n")
+    ref_a, _, plan = run_instrumented(correct_pick, src=src)
+    b_ns = {"pick": correct_pick}
+    probe.wrap_student(b_ns, ["pick"], 77)
+    ref_b, _, _ = run_instrumented(b_ns["pick"], src=src)
+
+    def honest_but_random(W, ids):
+        torch.randn(5)  # an honest answer that also draws random numbers
+        return W[ids]
+
+    student, err, _ = run_instrumented(honest_but_random, nonce="n2", src=src)
+    assert err is None
+    assert judge(student, ref_a, plan, ref_b=ref_b).ok
+    assert not judge(student, ref_a, plan, ref_b=ref_a).ok  # what happened before run B moved the generators

@@ -10,16 +10,9 @@ import torch.nn.functional as F
 
 from course.thinker import RMSNorm, ThinkerLM, apply_rope, rope_cos_sin
 
-pytestmark = pytest.mark.package
+pytestmark = [pytest.mark.package, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 TINY = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, d_ff=64, dropout=0.0, rope_theta=10000.0, ctx_len=16)
 

@@ -20,17 +20,11 @@ from course.training import (
     validate_loss,
 )
 
-pytestmark = pytest.mark.package
+pytestmark = [pytest.mark.package, pytest.mark.usefixtures("one_thread")]
 
 TINY = dict(vocab_size=48, n_layers=1, d_model=16, n_heads=2, d_ff=32, dropout=0.1, ctx_len=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------- validate_loss

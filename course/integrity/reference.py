@@ -7,7 +7,8 @@ students are graded with, even if ``source/`` was edited since
 
 :func:`reference_runs` executes it twice in the grading kernel, in a private
 copy of the assignment folder: run A as is, run B with every random
-generator moved before each cell. Both runs' evidence and audit events are
+generator moved before each cell and after every call into the answer
+cells' code (an honest answer may draw random numbers in another order). Both runs' evidence and audit events are
 cached by a hash of everything they depend on (the notebook, the assignment's
 other files, this package's instrumentation, the library versions), in
 ``$COURSE_INTEGRITY_CACHE`` (default ``~/.cache/course-integrity``), so each
@@ -32,9 +33,16 @@ import nbformat
 from nbformat import NotebookNode
 
 from course.integrity import EVIDENCE_MIME
-from course.integrity.instrument import EV, instrument_cell, notebook_modules, notebook_taint, plan_cell
+from course.integrity.instrument import (
+    EV,
+    instrument_cell,
+    notebook_modules,
+    notebook_taint,
+    plan_cell,
+    student_names,
+)
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def nbg(cell) -> dict:
@@ -137,6 +145,12 @@ def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool 
             originals[len(cells)] = c.source
             c.source, _ = instrument_cell(gid, c.source, tainted, nonce, modules)
         cells.append(c)
+        if perturb and role(c) == "answer":
+            names = sorted(student_names([c.source]))
+            if names:
+                cells.append(nbformat.v4.new_code_cell(
+                    f"import course.integrity.probe as {EV}\n{EV}.wrap_student(globals(), {names!r}, {5000 + 7919 * i})",
+                    metadata={"course_integrity": "perturb"}))
     if probe:
         cells.append(nbformat.v4.new_code_cell(f"import course.integrity.probe as {EV}\n{EV}.final({nonce!r})",
                                                metadata={"course_integrity": "probe"}))
