@@ -53,7 +53,8 @@ def correct_pick(W, ids):
 
 def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_CELL):
     """Execute the instrumented test cell here; return (records, error)."""
-    tainted = notebook_taint([("answer", "def pick(W, ids):\n    pass\nkind = 'b'"), ("test", src)])
+    tainted = notebook_taint([("other", "import torch"), ("answer", "def pick(W, ids):\n    pass\nkind = 'b'"),
+                              ("test", src)])
     code, plan = instrument_cell("t", src, tainted, nonce, {"torch"})
     records = []
     saved = probe._emit

@@ -113,11 +113,12 @@ def serve(sock_path: str, preload: list[str]) -> None:
         os.environ["PYTHONPATH"] = os.environ.get("PYTHONPATH", "").replace(extra, "", 1).lstrip(os.pathsep)
         if not os.environ["PYTHONPATH"]:
             del os.environ["PYTHONPATH"]
-    base_path = [p for p in sys.path if p not in ("", os.getcwd(), extra)]
+    if extra and extra in sys.path:
+        # preload only what the kernel itself could import: forget the entry we
+        # prepended (the first one) and the packages that came in through it
+        del sys.path[sys.path.index(extra)]
+    base_path = [p for p in sys.path if p not in ("", os.getcwd())]
     if extra:
-        # preload only what the kernel itself could import: forget the path
-        # and the packages that came in through it
-        sys.path[:] = [p for p in sys.path if p != extra]
         for name in [m for m in sys.modules if m == "course" or m.startswith("course.")]:
             if name != __name__:
                 del sys.modules[name]

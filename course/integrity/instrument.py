@@ -166,13 +166,23 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset())
                 if any(hot(n) for n in node.body) or any(hot(d) for d in getattr(node, "decorator_list", [])):
                     tainted.add(node.name)
             elif isinstance(node, ast.Call):
-                parts = list(node.args) + [k.value for k in node.keywords]
-                if isinstance(node.func, ast.Attribute):
-                    parts.append(node.func.value)
-                # a value handed to code that depends on the student may be changed by it
-                if hot(node.func) or any(hot(p) for p in parts):
-                    for p in parts:
+                args = list(node.args) + [k.value for k in node.keywords]
+                receiver = node.func.value if isinstance(node.func, ast.Attribute) else None
+                if hot(node.func):
+                    # a value handed to the student's code may be changed by it
+                    for p in args + ([receiver] if receiver is not None else []):
                         tainted |= base_names(p)
+                elif any(hot(p) for p in args):
+                    # a library call stores a student's value only in its receiver (lst.append(v),
+                    # w.copy_(v)), its out= argument, or the object of setattr
+                    if receiver is not None:
+                        tainted |= base_names(receiver)
+                    for k in node.keywords:
+                        if k.arg == "out":
+                            tainted |= base_names(k.value)
+                    if dotted(node.func) in ("setattr", "object.__setattr__", "np.copyto", "numpy.copyto") \
+                            and node.args:
+                        tainted |= base_names(node.args[0])
         changed = len(tainted) != before
     return tainted
 

@@ -115,6 +115,12 @@ def audit_flags(events: list[dict], reference_events: list[list[dict]], cell_of:
             continue
         if e == "sandbox.exit":
             continue
+        if e == "sandbox.oom":
+            a = ev.get("a") or ["?", "?"]
+            flags[("oom", e)] = {"kind": "kernel_stopped", "source": "execution", "where": "",
+                                 "detail": f"the sandbox ran out of memory ({a[1]} MB): the kernel's memory "
+                                           f"cgroup killed {a[0]} process(es)"}
+            continue
         if e == "sandbox.audit_truncated":
             flags[("audit", e)] = {"kind": "audit_channel", "source": "runtime",
                                    "detail": f"the notebook caused too many audit events ({ev.get('a')} dropped)",

@@ -7,6 +7,8 @@ starts the kernel (``nbgrader autograde``):
 variable                 default what it limits
 ======================== ======= ===============================================
 COURSE_SANDBOX_MEMORY_MB 4096    address space of each process (RLIMIT_AS)
+COURSE_SANDBOX_TOTAL_MB  6144    memory of the whole sandbox (a memory cgroup, where one
+                                 can be made: root, or a delegated cgroup v2 subtree)
 COURSE_SANDBOX_CPU_S     900     CPU seconds of each process (RLIMIT_CPU)
 COURSE_SANDBOX_WALL_S    1800    wall-clock seconds of one kernel (one notebook)
 COURSE_SANDBOX_NPROC     256     processes and threads (RLIMIT_NPROC)
@@ -45,6 +47,7 @@ def _env_int(name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Limits:
     memory_mb: int = 4096
+    total_mb: int = 6144
     cpu_s: int = 900
     wall_s: int = 1800
     nproc: int = 256
@@ -58,6 +61,7 @@ class Limits:
     def from_env(cls) -> "Limits":
         return cls(
             memory_mb=_env_int("COURSE_SANDBOX_MEMORY_MB", cls.memory_mb),
+            total_mb=_env_int("COURSE_SANDBOX_TOTAL_MB", cls.total_mb),
             cpu_s=_env_int("COURSE_SANDBOX_CPU_S", cls.cpu_s),
             wall_s=_env_int("COURSE_SANDBOX_WALL_S", cls.wall_s),
             nproc=_env_int("COURSE_SANDBOX_NPROC", cls.nproc),
@@ -303,3 +307,125 @@ def write_etc(etc_dir: Path, uid: int) -> None:
     (etc_dir / "group").write_text(f"student:x:{uid}:\n")
     for name in ("passwd", "group"):
         os.chmod(etc_dir / name, 0o644)
+
+
+class Cgroups:
+    """Best effort: a memory and a pids cgroup around the whole sandbox (rlimits are per process).
+
+    Works where this process may create cgroups below its own (root, or a delegated cgroup v2
+    subtree); elsewhere the per-process limits are all there is, and :attr:`active` says so.
+    """
+
+    def __init__(self, name: str, memory_mb: int, pids: int):
+        self.dirs: list[Path] = []
+        self.memory_dir: Path | None = None
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return
+        v2_root = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() \
+            else Path("/sys/fs/cgroup/unified")
+        for line in lines:
+            hid, ctrls, path = line.split(":", 2)
+            ctrl_set = set(ctrls.split(",")) if ctrls else set()
+            for ctrl, setting, value in (("memory", "memory.limit_in_bytes", memory_mb * 1024 * 1024),
+                                         ("pids", "pids.max", pids)):
+                if ctrl in ctrl_set:
+                    self._make(Path("/sys/fs/cgroup") / ctrl / path.lstrip("/") / name, {setting: value},
+                               memory=ctrl == "memory")
+            if hid == "0" and not ctrls and (v2_root / "cgroup.controllers").exists() and not self.dirs:
+                self._make(v2_root / path.lstrip("/") / name,
+                           {"memory.max": memory_mb * 1024 * 1024, "memory.swap.max": 0, "pids.max": pids},
+                           memory=True)
+
+    def _make(self, d: Path, settings: dict, memory: bool) -> None:
+        sweep_stale(d.parent, "course-sandbox-")
+        try:
+            d.mkdir()
+        except OSError:
+            return
+        try:
+            for k, v in settings.items():
+                if (d / k).exists():
+                    (d / k).write_text(str(v))
+                elif k in ("memory.max", "memory.limit_in_bytes"):
+                    raise OSError(f"no {k}")
+        except OSError:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+            return
+        self.dirs.append(d)
+        if memory:
+            self.memory_dir = d
+
+    @property
+    def active(self) -> bool:
+        return self.memory_dir is not None
+
+    def join(self) -> None:
+        """In the child, before exec: move this process (and so the whole sandbox) into the cgroups."""
+        pid = str(os.getpid())
+        for d in self.dirs:
+            try:
+                (d / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+
+    def oom_kills(self) -> int:
+        d = self.memory_dir
+        if d is None:
+            return 0
+        for name in ("memory.events", "memory.oom_control"):
+            try:
+                for line in (d / name).read_text().splitlines():
+                    key, _, val = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(val)
+            except (OSError, ValueError):
+                continue
+        return 0
+
+    def remove(self) -> None:
+        import time
+
+        for d in self.dirs:
+            for _ in range(100):  # the sandbox's last processes may take a moment to be reaped
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(parent: Path, prefix: str) -> None:
+    """Remove what a launcher killed with SIGKILL left behind: ``<prefix><pid>...`` of pids no longer alive."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for d in entries:
+        if not d.name.startswith(prefix):
+            continue
+        pid = d.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if (d / "cgroup.procs").exists():
+                if not (d / "cgroup.procs").read_text().strip():
+                    d.rmdir()
+            elif d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass

@@ -41,6 +41,7 @@ from pathlib import Path
 from course.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT, requested
 from course.sandbox.bwrap import (
     SANDBOX_HOME,
+    Cgroups,
     SANDBOX_RUN,
     UID_BASE,
     Limits,
@@ -234,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 2
 
-    work = Path(tempfile.mkdtemp(prefix="course-sandbox-"))
+    from course.sandbox.bwrap import sweep_stale
+
+    sweep_stale(Path(tempfile.gettempdir()), "course-sandbox-")
+    work = Path(tempfile.mkdtemp(prefix=f"course-sandbox-{os.getpid()}-"))
     links: list[Path] = []
     try:
         home, run, etc = work / "home", work / "run", work / "etc"
@@ -271,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                             home_dir=home, run_dir=run, etc_dir=etc, env=env, uid=uid, limits=limits,
                             info_fd=info_w)
         limit_values = rlimits(limits, uid)
+        cgroups = Cgroups(f"course-sandbox-{os.getpid()}", limits.total_mb, limits.nproc + 64)
+        state["cgroups"] = cgroups
+        sink.write({"e": "sandbox.cgroup", "a": ["on" if cgroups.active else "off"]})
 
         def preexec() -> None:
             import resource
 
+            cgroups.join()
             os.umask(0o022)
             for res, val in limit_values.items():
                 try:
@@ -316,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         state["kill"] = kill_sandbox
         rc = _wait(proc, limits, started, state, kill_sandbox)
         sink.join(timeout=5)
+        if cgroups.oom_kills():
+            sink.write({"e": "sandbox.oom", "a": [cgroups.oom_kills(), limits.total_mb]})
         sink.write({"e": "sandbox.exit", "a": [rc, state["reason"], round(time.monotonic() - started, 2)]})
         sink.close()
         return rc
     finally:
+        if state.get("cgroups") is not None:
+            state["cgroups"].remove()
         for link in links:
             try:
                 link.unlink()

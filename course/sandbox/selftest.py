@@ -69,7 +69,7 @@ class SandboxKernel:
     def close(self) -> None:
         try:
             self.kc.stop_channels()
-            self.km.shutdown_kernel(now=True)
+            self.km.shutdown_kernel(now=False)
         finally:
             shutil.rmtree(self.runtime, ignore_errors=True)
 

@@ -45,6 +45,9 @@ FIXTURE = HERE / "adv_fixture.ipynb"
 MAX_POINTS = 5.0
 HONEST_FIRST, BLANK, HONEST_LAST = "a000_honest", "y000_blank", "z999_honest"
 HIDDEN_MARKER = "manual_seed(5)"  # a line of a hidden test of the fixture
+# nbgrader errors that end a whole batch, not just one submission (converters/base.py)
+BATCH_FATAL = __import__("re").compile(r"old version \s*of the nbgrader metadata|newer version \s*of the nbgrader "
+                                       r"metadata|error accessing the nbgrader database")
 
 # short limits so that the attacks end quickly; everything else is the course's own configuration
 SUITE_CONFIG = """
@@ -81,7 +84,9 @@ def load_attacks() -> list[Attack]:
 
 
 def student_of(i: int, attack: Attack) -> str:
-    return f"b{i:02d}_{attack.name}"
+    """The student id of an attack: its position in attacks.toml (``i`` is ignored), so ids sort in file order."""
+    names = [a.name for a in load_attacks()]
+    return f"b{names.index(attack.name):02d}_{attack.name}"
 
 
 # ------------------------------------------------------------ submissions
@@ -308,14 +313,8 @@ class ModeResult:
     log: str
     skipped: dict[str, str]
     honest_before: float | None = None  # the first honest student's score before the attackers ran
-
-    @property
-    def stopped_at(self) -> str | None:
-        """The submission at which nbgrader stopped the batch (None: it went through)."""
-        if self.students[HONEST_LAST].reached:
-            return None
-        reached = [s for s in sorted(self.order) if self.students[s].reached]
-        return reached[-1] if reached else None
+    stopped_at: str | None = None  # the submission at which nbgrader stopped the batch (None: it went through)
+    fatal: set = field(default_factory=set)  # submissions that stop a batch (graded one by one after the stop)
 
     def changed_files(self) -> list[str]:
         out = []
@@ -365,13 +364,27 @@ def grade_mode(mode: str, workdir: Path, attacks: list[Attack]) -> ModeResult:
     honest_before = scores(course).get(HONEST_FIRST)
     p = run(nbg + ["autograde", ASSIGNMENT], course, env, timeout=1500)
     seconds = time.perf_counter() - t0
-    listener.close()
-    after = instructor_files(course)
-    sc = scores(course)
     log = p0.stdout + p0.stderr + p.stdout + p.stderr
     import re
 
     reached = set(re.findall(r"Creating/updating student with ID '([^']+)'", log))
+    batch_reached = set(reached)
+    # where a batch stopped, an instructor grades the rest one by one: so does the suite, to see what each does
+    fatal: set[str] = set()
+    stopper = None if HONEST_LAST in batch_reached else max(batch_reached)
+    if stopper is not None:
+        fatal.add(stopper)
+        for st in sorted(order):
+            if st > stopper and (course / "submitted" / st).exists():
+                q = run(nbg + ["autograde", ASSIGNMENT, "--student", st], course, env, timeout=600)
+                one = q.stdout + q.stderr
+                log += one
+                reached |= set(re.findall(r"Creating/updating student with ID '([^']+)'", one))
+                if BATCH_FATAL.search(one):
+                    fatal.add(st)
+    listener.close()
+    after = instructor_files(course)
+    sc = scores(course)
     records = {}
     if mode == "course":
         d = course / "integrity" / ASSIGNMENT
@@ -401,11 +414,11 @@ def grade_mode(mode: str, workdir: Path, attacks: list[Attack]) -> ModeResult:
     html = course / "feedback" / HONEST_FIRST / ASSIGNMENT / f"{NOTEBOOK}.html"
     students[HONEST_FIRST].feedback_leak = HIDDEN_MARKER in html.read_text() if html.exists() else None
     return ModeResult(mode, course, p.returncode, seconds, students, order, before, after, log, skipped,
-                      honest_before)
+                      honest_before, stopper, fatal)
 
 
-def grade_both(workdir: Path, modes=("course", "stock")) -> dict[str, ModeResult]:
-    attacks = load_attacks()
+def grade_both(workdir: Path, modes=("course", "stock"), only: list[str] | None = None) -> dict[str, ModeResult]:
+    attacks = [a for a in load_attacks() if not only or a.name in only]
     with ThreadPoolExecutor(max_workers=len(modes)) as pool:
         futures = {m: pool.submit(grade_mode, m, workdir, attacks) for m in modes}
         return {m: f.result() for m, f in futures.items()}
@@ -420,15 +433,13 @@ def outcome(res: ModeResult, attack: Attack, student: str) -> tuple[bool, str]:
         return True, "skipped: " + res.skipped[attack.name].split(":")[0]
     r = res.students[student]
     problems = []
-    if not r.reached and res.stopped_at is not None and student > res.stopped_at:
-        return False, f"not graded: batch stopped at {res.stopped_at}"
     got = r.score or 0.0
     if got > attack.earned + 1e-9:
         problems.append(f"earned {got:g} (honestly {attack.earned:g})")
     if attack.earned and got < attack.earned - 1e-9:
         problems.append(f"lost honest points ({got:g} of {attack.earned:g})")
-    if res.stopped_at == student:
-        problems.append("stopped the batch")
+    if student in res.fatal:
+        problems.append("stops the whole batch" + (" (here)" if res.stopped_at == student else ""))
     if "network" in attack.harms and r.network:
         problems.append(f"sent {len(r.network)} bytes out")
     if "feedback" in attack.harms and r.feedback_leak:
@@ -451,8 +462,10 @@ def outcome(res: ModeResult, attack: Attack, student: str) -> tuple[bool, str]:
     return True, f"{score} ok{flags}"
 
 
-def report(results: dict[str, ModeResult]) -> str:
-    attacks = load_attacks()
+def report(results: dict[str, ModeResult], only: list[str] | None = None) -> str:
+    every = load_attacks()
+    index = {a.name: i for i, a in enumerate(every)}
+    attacks = [a for a in every if not only or a.name in only]
     modes = [m for m in ("stock", "course") if m in results]
     title = {"stock": "stock nbgrader 0.9.6", "course": "this course (sandbox + integrity)"}
     w, col = 34, 62
@@ -471,10 +484,10 @@ def report(results: dict[str, ModeResult]) -> str:
                 txt += " (hidden tests in feedback)"
             row += f"  {txt[:col]:<{col}}"
         lines.append(row)
-    for i, a in enumerate(attacks):
+    for a in attacks:
         row = f"{a.name:<{w}}"
         for m in modes:
-            ok, txt = outcome(results[m], a, student_of(i, a))
+            ok, txt = outcome(results[m], a, student_of(index[a.name], a))
             row += f"  {txt[:col]:<{col}}"
             if len(txt) > col:
                 details.append(f"  {m:<6} {a.name}: {txt}")
@@ -482,7 +495,7 @@ def report(results: dict[str, ModeResult]) -> str:
     lines.append("")
     for m in modes:
         res = results[m]
-        let = sum(1 for i, a in enumerate(attacks) if not outcome(res, a, student_of(i, a))[0])
+        let = sum(1 for a in attacks if not outcome(res, a, student_of(index[a.name], a))[0])
         changed = res.changed_files()
         stop = f"stopped at {res.stopped_at}" if res.stopped_at else "went through"
         lines.append(f"{m}: {let} of {len(attacks)} attacks let through; the batch of {len(res.order)} "
@@ -497,12 +510,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--mode", choices=["course", "stock", "both"], default="both")
+    ap.add_argument("--only", nargs="*", help="attack names (default: all)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="course-adversarial-"))
     modes = ("course", "stock") if args.mode == "both" else (args.mode,)
     try:
-        results = grade_both(work, modes)
-        print(report(results))
+        results = grade_both(work, modes, args.only)
+        print(report(results, args.only))
         for m, res in results.items():
             print(f"\n{m}: course directory {res.course}" if args.keep else "")
     finally:
