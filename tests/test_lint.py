@@ -74,13 +74,18 @@ def _break_hidden_outside_test(nb):
     _cell(nb, "double").source += "\n### BEGIN HIDDEN TESTS\nx = 1\n### END HIDDEN TESTS"
 
 
+def _break_hidden_only_test(nb):
+    _cell(nb, "test_double").source = "# comments are not checks\n### BEGIN HIDDEN TESTS\nassert double(3) == 6\n### END HIDDEN TESTS"
+
+
 def _break_setup_unlocked(nb):
     _cell(nb, "setup").metadata.nbgrader["locked"] = False
 
 
 BREAKS = [_break_outputs, _break_exec_count, _break_kernel, _break_unlocked_test, _break_duplicate_id,
           _break_no_points, _break_no_delimiters, _break_trailing_expression, _break_section_order,
-          _break_title, _break_schema, _break_hidden_outside_test, _break_setup_unlocked]
+          _break_title, _break_schema, _break_hidden_outside_test, _break_setup_unlocked,
+          _break_hidden_only_test]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=[b.__name__[7:] for b in BREAKS])

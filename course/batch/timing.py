@@ -7,7 +7,8 @@ file, to time stock ``nbgrader autograde`` the same way.
 
 Per notebook the events split into: kernel start (launch until the kernel
 answers), imports (the setup cell, the notebook's first code cell), execution
-(every other cell, until the last one completes), kernel shutdown (until
+(every other cell, until the last cell starts: nbclient's hooks do not see
+a reply, so the end of a cell is the start of the next), kernel shutdown (until
 the provisioner has cleaned up; known only in the batch worker); the rest of the wall time is nbgrader's
 own bookkeeping (reading and writing notebooks, sanitising, the gradebook).
 """
@@ -38,29 +39,33 @@ def _first_code(notebook) -> int:
     return -1
 
 
-_state: dict[str, Any] = {"first": -1}
+_state: dict[str, Any] = {"first": -1, "in_setup": False}
 
 
 def on_notebook_start(notebook=None, **_):
     _state["first"] = _first_code(notebook) if notebook is not None else -1
+    _state["in_setup"] = False
     _record("notebook_start")
 
 
-def on_cell_execute(cell=None, cell_index=None, **_):
-    if cell_index == _state["first"]:
-        _record("setup_start")
-
-
-def on_cell_complete(cell=None, cell_index=None, **_):
-    if cell_index == _state["first"]:
+def on_cell_start(cell=None, cell_index=None, **_):
+    # nbclient runs cells one after another: a cell starts once the previous one has its reply
+    if _state["in_setup"]:
+        _state["in_setup"] = False
         _record("setup_end")
     _record("cell_done")
 
 
+def on_cell_execute(cell=None, cell_index=None, **_):
+    if cell_index == _state["first"]:
+        _state["in_setup"] = True
+        _record("setup_start")
+
+
 HOOKS = {
     "on_notebook_start": on_notebook_start,
+    "on_cell_start": on_cell_start,
     "on_cell_execute": on_cell_execute,
-    "on_cell_complete": on_cell_complete,
 }
 
 CONFIG_LINES = "\n".join(

@@ -116,6 +116,14 @@ def _test_cell_problems(source: str) -> list[str]:
         return [f"test cell does not parse: {exc}"]
     if not tree.body:
         return ["empty test cell"]
+    visible = source.split(HIDDEN_BEGIN)[0]
+    try:
+        has_visible_check = bool(ast.parse(visible).body)
+    except SyntaxError:
+        has_visible_check = True  # the whole cell parsed: a marker inside a string, not a region
+    if not has_visible_check:
+        return ["test cell has no visible check before its hidden tests (in the release it is empty, "
+                "so nbgrader validate counts it as passed)"]
     last = tree.body[-1]
     if isinstance(last, ast.Expr) and not (
         isinstance(last.value, ast.Call) and isinstance(last.value.func, ast.Name) and last.value.func.id == "print"

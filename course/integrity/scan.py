@@ -51,8 +51,8 @@ FILE_CALLS = {"os.listdir", "os.scandir", "os.walk", "os.chdir", "os.remove", "o
               "os.link", "glob.glob", "glob.iglob", "shutil.rmtree", "shutil.copy", "shutil.copyfile",
               "shutil.copytree", "shutil.move", "os.path.expanduser", "os.getenv", "os.environ.get",
               "pathlib.Path.home", "Path.home", "os.path.expandvars"}
-DYNAMIC_CALLS = {"exec", "eval", "compile", "__import__", "importlib.import_module", "globals", "vars",
-                 "importlib.reload", "breakpoint"}
+DYNAMIC_CALLS = {"exec", "eval", "compile", "__import__", "importlib.import_module", "importlib.reload",
+                 "breakpoint"}  # vars() and globals() are honest introspection; writing through them is caught
 SUSPICIOUS_TEXT = re.compile(r"(^/|^~|\.\./|(^|/)\.\.$|(^|/)source(/|$)|(^|/)release(/|$)|gradebook|\.ipynb|exchange|submitted|autograded|"
                              r"nbgrader|\.db$|/etc/|/root|/home/|/proc/|/work/|/srv/)")
 

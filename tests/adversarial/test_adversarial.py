@@ -58,10 +58,6 @@ def test_feedback_shows_no_hidden_test(adversarial):
     assert adversarial["course"].students[HONEST_FIRST].feedback_leak is False
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known open defect (issue 8): `python -m course.integrity report` is run in the graded course "
-    "directory, which no longer exists when this test runs (FileNotFoundError from Path.cwd()); "
-    "reported in the closing note, to be fixed next session"))
 def test_the_report_shows_flags_beside_grades(adversarial):
     import subprocess
     import sys
