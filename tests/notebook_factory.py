@@ -40,7 +40,7 @@ def good_notebook():
         md("written_why", "Why?\n\n### BEGIN SOLUTION\nBecause doubling is adding a number to itself.\n### END SOLUTION",
            grade=True, solution=True, locked=False, grade_id="written_why", points=1),
         md("h-quiz", "## Quiz"),
-        code("quiz_1", "### BEGIN SOLUTION\nquiz_1 = 'b'\n### END SOLUTION",
+        code("quiz_1", "quiz_1 = None\n### BEGIN SOLUTION\nquiz_1 = 'b'\n### END SOLUTION",
              grade=False, solution=True, locked=False, grade_id="quiz_1"),
         code("test_quiz_1", "assert quiz_1 in {'a', 'b', 'c'}, 'quiz_1 must be a, b or c'\n"
                             "### BEGIN HIDDEN TESTS\nassert quiz_1 == 'b'\n### END HIDDEN TESTS",

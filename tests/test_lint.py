@@ -78,6 +78,10 @@ def _break_hidden_only_test(nb):
     _cell(nb, "test_double").source = "# comments are not checks\n### BEGIN HIDDEN TESTS\nassert double(3) == 6\n### END HIDDEN TESTS"
 
 
+def _break_quiz_without_default(nb):
+    _cell(nb, "quiz_1").source = "### BEGIN SOLUTION\nquiz_1 = 'b'\n### END SOLUTION"
+
+
 def _break_setup_unlocked(nb):
     _cell(nb, "setup").metadata.nbgrader["locked"] = False
 
@@ -85,7 +89,7 @@ def _break_setup_unlocked(nb):
 BREAKS = [_break_outputs, _break_exec_count, _break_kernel, _break_unlocked_test, _break_duplicate_id,
           _break_no_points, _break_no_delimiters, _break_trailing_expression, _break_section_order,
           _break_title, _break_schema, _break_hidden_outside_test, _break_setup_unlocked,
-          _break_hidden_only_test]
+          _break_hidden_only_test, _break_quiz_without_default]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=[b.__name__[7:] for b in BREAKS])

@@ -87,6 +87,10 @@ def lint_source(path: Path) -> list[str]:
         if nbm.get("solution"):
             if SOLUTION_BEGIN not in c.source or SOLUTION_END not in c.source:
                 problems.append(f"{where}: answer cell without {SOLUTION_BEGIN} / {SOLUTION_END}")
+            if c.cell_type == "code" and re.fullmatch(r"quiz_\d+", gid or "") and not re.search(
+                    rf"^{gid} = None\b", c.source.split(SOLUTION_BEGIN)[0], re.M):
+                problems.append(f"{where}: quiz answer cell must set {gid} = None before {SOLUTION_BEGIN} "
+                                "(else a blank answer reads as a NameError)")
         if nbm.get("task") and c.cell_type != "markdown":
             problems.append(f"{where}: task cells must be markdown")
         if (HIDDEN_BEGIN in c.source) != (HIDDEN_END in c.source):
