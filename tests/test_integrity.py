@@ -324,7 +324,7 @@ def test_audit_events_leave_the_process_as_they_happen(tmp_path):
 
 def _records(course_report, student):
     out = {}
-    for f in (course_report.workspace / "workers").glob(f"w*/integrity/*/{student}.json"):
+    for f in course_report.workspace.glob(f"integrity/*/{student}.json"):
         data = json.loads(f.read_text())
         for nb, info in data.get("notebooks", {}).items():
             out[f"{data['assignment']}/{nb}"] = info

@@ -106,8 +106,10 @@ def test_mutant_loses_points(course_report, mutant):
     r = course_report.find(mutant.assignment, mutant.notebook)
     score = next((s for m, s in r.mutants if m == mutant), None)
     assert score is not None, "mutant was not graded"
-    got = score.auto_total(set(r.test_ids))
-    assert got < r.autograded_max, f"mutant {mutant.name!r} ({mutant.why}) earns full marks {got}/{r.autograded_max}"
+    ids = r.judged_by(mutant)
+    assert r.mutant_caught(mutant, score), (
+        f"mutant {mutant.name!r} ({mutant.why}) earns full marks "
+        f"{score.auto_total(ids)}/{score.max_total(ids)} in {sorted(ids)}")
 
 
 def _validate(path: Path, invert: bool) -> str:

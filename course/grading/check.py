@@ -1,14 +1,18 @@
 """Grade the reference, the release and every mutant of each notebook.
 
 This is the harness behind ``python -m course.grading check`` and the pytest
-suite: one real ``nbgrader generate_assignment`` and one set of real
-``nbgrader autograde`` runs (shared, in parallel) answer every question the
-tests ask.
+suite: one real ``nbgrader generate_assignment`` and one batch of
+real nbgrader autograde runs (``course.batch``, in parallel) answer every
+question the tests ask: the reference and the release under the course's full
+grading configuration (sandbox and evidence-based scoring), the stored wrong
+answers (the instructor's own code) with the same scoring in plain kernels
+forked warm, without the sandbox.
 """
 
 from __future__ import annotations
 
 import filecmp
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -34,9 +38,16 @@ class NotebookReport:
     release: NotebookScore | None = None
     mutants: list[tuple[Mutant, NotebookScore | None]] = field(default_factory=list)
 
+    def judged_by(self, mutant: Mutant) -> set[str]:
+        """Test cells whose loss counts against ``mutant``: its own test cell for a quiz item, else all."""
+        own = f"test_{mutant.cell}"
+        return {own} if is_quiz(mutant.cell) and own in self.test_ids else set(self.test_ids)
+
     def mutant_caught(self, mutant: Mutant, score: NotebookScore | None) -> bool:
-        ids = set(self.test_ids)
-        return score is not None and score.auto_total(ids) < self.autograded_max - 1e-9
+        ids = self.judged_by(mutant)
+        if score is None or not ids.issubset(score.scores):
+            return False  # not graded (nbgrader could not grade it): nothing shows that the tests catch it
+        return score.auto_total(ids) < score.max_total(ids) - 1e-9
 
     def lost_in(self, score: NotebookScore) -> list[str]:
         """Test cells that did not earn their points."""
@@ -81,22 +92,48 @@ class CourseReport:
         return "\n".join(lines)
 
 
-def build_submissions(assignments: list[str], ws: Workspace) -> tuple[list[Submission], dict[str, Mutant]]:
+def is_quiz(cell: str) -> bool:
+    return re.fullmatch(r"quiz_\d+", cell) is not None
+
+
+def build_submissions(assignments: list[str], ws: Workspace) -> tuple[list[Submission], dict[str, list[Mutant]]]:
+    """Reference, release and mutant submissions; ``by_student`` names the mutants each synthetic student carries.
+
+    A mutant of an ordinary answer cell is graded alone, in an otherwise
+    correct notebook, and is caught when the notebook loses any point. Quiz
+    items are independent of everything else (one variable, read only by
+    its own test cell), so one wrong quiz answer per item shares a notebook
+    with the wrong answers to the other items, and each is judged by its own
+    test cell alone.
+    """
     subs: list[Submission] = []
-    by_student: dict[str, Mutant] = {}
+    by_student: dict[str, list[Mutant]] = {}
     k = 0
+
+    def add(a: str, stem: str, nb, ms: list[Mutant]) -> None:
+        nonlocal k
+        k += 1
+        student = f"mutant{k:04d}"
+        by_student[student] = ms
+        for m in ms:
+            nb = apply_mutant(nb, m)
+        subs.append(Submission(student, a, {stem: nb}, " + ".join(m.key for m in ms)))
+
     for a in assignments:
         ref = {p.stem: read_notebook(p) for p in source_notebooks(a)}
         blank = {p.stem: read_notebook(p) for p in sorted(ws.release_dir(a).glob("*.ipynb"))}
         subs.append(Submission(SOLUTION, a, ref, "reference"))
         subs.append(Submission(RELEASE, a, blank, "release"))
         for stem, nb in ref.items():
+            quiz: dict[str, list[Mutant]] = {}
+            tests = {c.grade_id for c in test_cells(nb)}
             for m in load_mutants(a, stem):
-                k += 1
-                student = f"mutant{k:04d}"
-                by_student[student] = m
-                subs.append(Submission(student, a, {stem: apply_mutant(nb, m)}, m.key))
-    # slowest first keeps the parallel workers evenly busy at the end
+                if is_quiz(m.cell) and f"test_{m.cell}" in tests:
+                    quiz.setdefault(m.cell, []).append(m)
+                else:
+                    add(a, stem, nb, [m])
+            for r in range(max((len(v) for v in quiz.values()), default=0)):
+                add(a, stem, nb, [v[r] for v in quiz.values() if r < len(v)])
     return subs, by_student
 
 
@@ -113,20 +150,13 @@ def grade(assignments: list[str], workdir: Path, workers: int | None = None, qui
             reports[(a, p.stem)] = NotebookReport(
                 a, p.stem, sum(c.points for c in test_cells(nb)), tids, [c.grade_id for c in answer_cells(nb)]
             )
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(subs), desc="autograde", unit="submission", file=sys.stderr)
-
-    def progress(n):
-        if bar is not None:
-            bar.n = n
-            bar.refresh()
-
-    scores = ws.autograde(subs, workers=workers, progress=progress)
-    if bar is not None:
-        bar.close()
+    ws.write_submissions(subs)
+    # the reference and the release go through the course's real grading (sandbox included);
+    # the stored wrong answers are the instructor's own code: same scoring, plain warm kernels
+    own = [s for s in subs if s.student in (SOLUTION, RELEASE)]
+    scores = ws.batch(own, workers=workers, quiet=quiet)
+    scores += ws.batch([s for s in subs if s.student not in (SOLUTION, RELEASE)], trusted=True,
+                       workers=workers, quiet=quiet)
     for s in scores:
         r = reports[(s.assignment, s.notebook)]
         if s.student == SOLUTION:
@@ -134,7 +164,7 @@ def grade(assignments: list[str], workdir: Path, workers: int | None = None, qui
         elif s.student == RELEASE:
             r.release = s
         else:
-            r.mutants.append((by_student[s.student], s))
+            r.mutants.extend((m, s) for m in by_student[s.student])
     return CourseReport(list(reports.values()), timer.seconds, workdir, dict(ws.errors))
 
 

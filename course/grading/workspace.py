@@ -1,21 +1,19 @@
 """Real nbgrader runs in a throw-away course directory.
 
 A :class:`Workspace` is a temporary copy of the course (config and
-``source/``) in which ``nbgrader generate_assignment`` and
-``nbgrader autograde`` run as real subprocesses, never touching the
-instructor's gradebook or folders. Submissions are split across worker
-directories (each with its own copy of the gradebook) so that several
-``nbgrader autograde`` processes run at once.
+``source/``) in which ``nbgrader generate_assignment`` and the course's batch
+grader (nbgrader's own autograde, in parallel workers) run as real
+subprocesses, never touching the instructor's gradebook or folders.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,62 +98,67 @@ class Workspace:
     def release_dir(self, assignment: str) -> Path:
         return self.root / "release" / assignment
 
-    def autograde(self, submissions: list[Submission], workers: int | None = None,
-                  progress=None) -> list[NotebookScore]:
-        """Grade submissions with real ``nbgrader autograde`` in parallel worker copies.
+    def write_submissions(self, submissions: list[Submission]) -> None:
+        """Put each submission in ``submitted/<student>/<assignment>/``, with the release's other files."""
+        for sub in submissions:
+            sdir = self.root / "submitted" / sub.student / sub.assignment
+            if sdir.exists():
+                shutil.rmtree(sdir)
+            # assets and other files of the release travel with the submission
+            shutil.copytree(self.release_dir(sub.assignment), sdir, ignore=shutil.ignore_patterns("*.ipynb"))
+            for stem, nb in sub.notebooks.items():
+                nbformat.write(nb, str(sdir / f"{stem}.ipynb"))
 
-        ``progress`` is called with the number of submissions finished so far.
+    def batch(self, submissions: list[Submission], trusted: bool = False, workers: int | None = None,
+              quiet: bool = True) -> list[NotebookScore]:
+        """Grade written submissions with the course's batch grader (``python -m course.batch grade``).
+
+        Each notebook goes through nbgrader's own autograde with this
+        workspace's copy of the course configuration, in parallel workers.
+        ``trusted=True`` is for the instructor's own notebooks (the stored
+        wrong answers): they run with the evidence-based scoring but without
+        the bubblewrap sandbox (``COURSE_SANDBOX=off``), in the plain
+        ``python3`` kernel, which the batch forks from a process that has
+        already imported the notebooks' setup modules.
         """
-        workers = max(1, min(workers or (os.cpu_count() or 1), len(submissions) or 1))
-        groups: list[list[Submission]] = [[] for _ in range(workers)]
-        for i, sub in enumerate(submissions):
-            groups[i % workers].append(sub)
-        done = [0]
+        if not submissions:
+            return []
+        config = self.root / "nbgrader_config.py"
+        text = config.read_text()
+        line = f'\nc.SandboxedExecute.kernel_name = "python3"  {TRUSTED_MARK}\n'
+        config.write_text(text + line if trusted and TRUSTED_MARK not in text
+                          else text.replace(line, "") if not trusted else text)
+        env = clean_env()
+        if trusted:
+            env["COURSE_SANDBOX"] = "off"
+        students = sorted({s.student for s in submissions})
+        assignments = sorted({s.assignment for s in submissions})
+        cmd = [sys.executable, "-m", "course.batch", "grade", *assignments, "--course-dir", str(self.root)]
+        cmd += ["--workers", str(workers)] if workers else []
+        cmd += ["--no-progress"] if quiet else []
+        for st in students:
+            cmd += ["--student", st]
+        with self.log.open("a") as fh:
+            fh.write(f"$ {' '.join(cmd[:8])} ... ({len(students)} students{', trusted' if trusted else ''})\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=self.root, env=env, stdout=fh,
+                                  stderr=None if not quiet else fh, text=True)
+        if proc.returncode not in (0, 1):  # 1: some submission failed, reported per student below
+            raise RuntimeError(f"the batch grader stopped with exit code {proc.returncode}; see {self.log}")
+        results = []
+        for sub in submissions:
+            journal = self.root / ".batch" / "journal" / sub.assignment / f"{sub.student}.json"
+            try:
+                entry = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                entry = {"status": "missing", "error": "the batch grader wrote no result"}
+            if entry.get("status") != "ok":
+                self.errors[sub.student] = str(entry.get("error") or entry.get("status"))
+            results.extend(read_scores(self.root / "gradebook.db", sub))
+        return results
 
-        def grade_group(k: int, group: list[Submission]) -> list[NotebookScore]:
-            wdir = self.root / "workers" / f"w{k}"
-            if wdir.exists():
-                shutil.rmtree(wdir)
-            wdir.mkdir(parents=True)
-            shutil.copy2(self.root / "nbgrader_config.py", wdir / "nbgrader_config.py")
-            shutil.copy2(self.root / "gradebook.db", wdir / "gradebook.db")
-            for a in {s.assignment for s in group}:
-                shutil.copytree(self.root / "source" / a, wdir / "source" / a)
-            for sub in group:
-                sdir = wdir / "submitted" / sub.student / sub.assignment
-                # assets and other files of the release travel with the submission
-                shutil.copytree(self.release_dir(sub.assignment), sdir,
-                                ignore=shutil.ignore_patterns("*.ipynb"))
-                for stem, nb in sub.notebooks.items():
-                    nbformat.write(nb, str(sdir / f"{stem}.ipynb"))
-            results: list[NotebookScore] = []
-            for a in sorted({s.assignment for s in group}):
-                subs = [s for s in group if s.assignment == a]
-                try:
-                    # one nbgrader process grades all of this worker's students
-                    run_nbgrader(["autograde", a, "--force"], wdir, wdir / "nbgrader.log")
-                except RuntimeError:
-                    # nbgrader itself stopped (not a cell error): grade one by one
-                    # so that one broken submission cannot hide the others' results
-                    for sub in subs:
-                        try:
-                            run_nbgrader(["autograde", a, "--student", sub.student, "--force"],
-                                         wdir, wdir / "nbgrader.log")
-                        except RuntimeError as exc:
-                            self.errors[sub.student] = str(exc)
-                for sub in subs:
-                    results.extend(read_scores(wdir / "gradebook.db", sub))
-                    done[0] += 1
-                    if progress is not None:
-                        progress(done[0])
-            return results
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(grade_group, k, g) for k, g in enumerate(groups) if g]
-            out: list[NotebookScore] = []
-            for f in futures:
-                out.extend(f.result())
-        return out
+TRUSTED_MARK = "# course.grading: trusted notebooks, plain kernel"
 
 
 def read_scores(db_path: Path, sub: Submission) -> list[NotebookScore]:
