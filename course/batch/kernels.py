@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from importlib.metadata import EntryPoint
@@ -187,6 +189,10 @@ class WarmProvisioner(LocalProvisioner):
         return await super().pre_launch(**kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        # a private temporary folder per kernel, removed in cleanup(): scratch files a notebook
+        # writes to tempfile's folder go with it, even when the kernel is killed at once
+        self._tmp = tempfile.mkdtemp(prefix="course-kernel-")
+        kwargs["env"] = dict(kwargs.get("env") or os.environ, TMPDIR=self._tmp)
         args = warm_args(cmd)
         if args is None or _ZYGOTE is None:
             info = await super().launch_kernel(cmd, **kwargs)
@@ -232,6 +238,9 @@ class WarmProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart)
+        if getattr(self, "_tmp", None):
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
         LIVE.pop(getattr(self, "pid", None), None)
         event("kernel_gone")
 

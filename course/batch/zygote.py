@@ -72,6 +72,9 @@ def _become_kernel(req: dict, base_path: list[str]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
+        import tempfile
+
+        tempfile.tempdir = None  # computed again from this kernel's TMPDIR, not the server's
         gc.unfreeze()
         # a fresh process draws fresh random state; torch's default generator
         # is the same fixed seed in every new process and is left as it is
