@@ -265,6 +265,20 @@ def shutdown() -> None:
         _ZYGOTE.stop()
 
 
+def kill_now() -> None:
+    """Kill the fork server without waiting, safe in a signal handler.
+
+    ``Popen.wait`` takes a lock that the interrupted code may hold (a
+    ``poll()`` in progress), and a handler that waits for it never returns.
+    """
+    proc = _ZYGOTE.proc if _ZYGOTE is not None else None
+    if proc is not None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def zygote_state() -> dict[str, Any]:
     if _ZYGOTE is None:
         return {"enabled": False}

@@ -69,7 +69,7 @@ def main() -> int:
         from course.batch import kernels
 
         kernels.kill_all()
-        kernels.shutdown()
+        kernels.kill_now()  # no waiting in a signal handler: the interrupted code may hold Popen's lock
         os._exit(143)
 
     signal.signal(signal.SIGTERM, stop)
