@@ -40,6 +40,9 @@ ANSWERS = {
     "slow": "import time\ntime.sleep(1.5)\ndef double(x):\n    return 2 * x",
     "crash": "import os\nos._exit(1)",  # the kernel dies
     "invalid": "",  # not JSON at all
+    # output that bypasses the kernel's own streams (C extensions, os.write) goes to the process's fd 1 and 2
+    "noisy": "import os\nos.write(1, b'x' * (1 << 20))\nos.write(2, b'y' * (1 << 16))\n"
+             "def double(x):\n    return 2 * x",
 }
 
 
@@ -317,6 +320,81 @@ def test_resume_after_ctrl_c_crash_and_killed_worker_gives_the_same_gradebook(tm
     assert autograded_files(cut) == autograded_files(ref)
     leftovers = [p.name for p in (cut / "autograded").rglob(".*batch-*")]
     assert not leftovers
+
+
+def test_kernels_that_write_to_their_process_output_do_not_block(tmp_path):
+    """A warm kernel's fd 1 and 2 lead to the worker's log, never to a pipe nobody reads.
+
+    Every kernel logs its connection at start; a forked kernel that inherited
+    an unread pipe would block in that write once some 64 KiB had gone by.
+    """
+    root = make_course(tmp_path / "course", **FAST)
+    submit(root, {"ann": "noisy", "ben": "noisy", "cat": "correct"})
+    run = batch(root, "grade", ASSIGNMENT, "--workers", "1", "--no-progress", **FAST)
+    assert run.returncode == 0 and "graded 3, failed 0" in run.stdout, run.stdout + run.stderr
+    scores = dump(f"sqlite:///{root / 'gradebook.db'}")
+    for s in ("ann", "ben", "cat"):
+        assert scores[f"{ASSIGNMENT}/{s}"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 2.0, s
+    log = (root / ".batch" / "logs" / "worker0.log").read_bytes()
+    assert b"x" * (1 << 20) in log and b"y" * (1 << 16) in log
+
+
+HANGING_KERNEL = """\
+import os, sys, time
+count = sys.argv[1]
+n = int(open(count).read()) if os.path.exists(count) else 0
+open(count, "w").write(str(n + 1))
+if n < int(sys.argv[2]):
+    time.sleep(3600)  # a kernel that never answers
+os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", *sys.argv[3:]])
+"""
+
+
+def hanging_python3(tmp_path: Path, hangs: int) -> dict[str, str]:
+    """A ``python3`` kernelspec whose first ``hangs`` kernels never answer; the env that puts it first."""
+    spec = tmp_path / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    script = tmp_path / "hanging_kernel.py"
+    script.write_text(HANGING_KERNEL)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, str(script), str(tmp_path / "launches"), str(hangs), "-f", "{connection_file}"],
+        "display_name": "Python 3", "language": "python"}))
+    return {"JUPYTER_PATH": str(tmp_path / "jupyter")}
+
+
+def _short_startup(root: Path) -> None:
+    with open(root / "nbgrader_config.py", "a") as fh:
+        fh.write("\nc.Execute.startup_timeout = 5\n")
+
+
+def test_a_kernel_that_never_answers_is_retried_not_held_against_the_student(tmp_path):
+    """A kernel start failure happens before any student code runs: the submission is graded again."""
+    root = make_course(tmp_path / "course", **FAST)
+    _short_startup(root)
+    submit(root, {"ann": "correct", "ben": "partial"})
+    extra = hanging_python3(tmp_path, hangs=1)
+    run = batch(root, "grade", ASSIGNMENT, "--workers", "1", "--no-progress", **FAST, **extra)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "graded 2, failed 0" in run.stdout, run.stdout + run.stderr
+    assert "graded again after an infrastructure failure" in run.stdout and ": 1;" in run.stdout, run.stdout
+    assert (tmp_path / "launches").read_text() == "3"  # one hung, then one kernel per submission
+    scores = dump(f"sqlite:///{root / 'gradebook.db'}")
+    assert scores[f"{ASSIGNMENT}/ann"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 2.0
+    assert {s: e["status"] for s, e in journal(root).items()} == {"ann": "ok", "ben": "ok"}
+
+
+def test_a_kernel_that_never_starts_fails_the_submission_with_a_clear_message(tmp_path):
+    """Retried once, then reported as a kernel that did not start (the batch goes on and says so)."""
+    root = make_course(tmp_path / "course", **FAST)
+    _short_startup(root)
+    submit(root, {"ann": "correct"})
+    extra = hanging_python3(tmp_path, hangs=100)
+    run = batch(root, "grade", ASSIGNMENT, "--workers", "1", "--no-progress", **FAST, **extra)
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert "graded 0, failed 1" in run.stdout, run.stdout + run.stderr
+    assert "FAILED tiny/ann: a kernel did not start" in run.stdout, run.stdout
+    assert (tmp_path / "launches").read_text() == "2"
+    assert journal(root)["ann"]["status"] == "failed"
 
 
 def test_zip_collect_of_an_lms_zip_feeds_the_batch(tmp_path):

@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{s.notebooks} notebooks in {s.seconds:.1f} s ({rate:.1f} notebooks/min)")
     if n:
         print("time per notebook: " + _fmt_split(time_split(s.timings)))
+    if s.retried:
+        print(f"graded again after an infrastructure failure (a kernel that never answered, a worker "
+              f"that could not set up): {len(s.retried)}; fork server restarts: {s.zygote_restarts}")
     for (a, st), why in sorted(s.failed.items()):
         last = [ln for ln in str(why).strip().splitlines() if ln.strip()][-1:] or [""]
         print(f"  FAILED {a}/{st}: {last[0][:200]}")

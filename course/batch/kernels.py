@@ -119,6 +119,7 @@ class Zygote:
         self.lock = threading.Lock()
         self.broken: str | None = None
         self.info: dict[str, Any] = {}
+        self.restarts = 0
 
     def start(self) -> bool:
         if self.broken:
@@ -136,6 +137,8 @@ class Zygote:
             [sys.executable, "-m", "course.batch.zygote", str(self.sock), json.dumps(self.preload)],
             cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
+        self.proc.stdout.close()  # one line, then the server writes to the worker's log
+        self.proc.stdout = None
         try:
             self.info = json.loads(line)
         except ValueError:
@@ -265,6 +268,15 @@ def shutdown() -> None:
         _ZYGOTE.stop()
 
 
+def restart_zygote() -> bool:
+    """Stop the fork server, if there is one; the next warm kernel comes from a new one."""
+    if _ZYGOTE is None or _ZYGOTE.proc is None:
+        return False
+    _ZYGOTE.stop()
+    _ZYGOTE.restarts += 1
+    return True
+
+
 def kill_now() -> None:
     """Kill the fork server without waiting, safe in a signal handler.
 
@@ -282,4 +294,4 @@ def kill_now() -> None:
 def zygote_state() -> dict[str, Any]:
     if _ZYGOTE is None:
         return {"enabled": False}
-    return {"enabled": True, "broken": _ZYGOTE.broken, **_ZYGOTE.info}
+    return {"enabled": True, "broken": _ZYGOTE.broken, "restarts": _ZYGOTE.restarts, **_ZYGOTE.info}

@@ -19,7 +19,10 @@ Design (see also :mod:`course.batch.worker` and :mod:`course.batch.gradebook`):
   journal entry, and ends with the gradebook an uninterrupted run makes.
 * Failures: a submission nbgrader cannot grade is recorded as failed (its
   rows are whatever nbgrader left, as with stock autograde) and the batch
-  goes on; a worker that dies is replaced and its job retried once.
+  goes on; a worker that dies is replaced and its job retried once, and so
+  is a submission whose grading failed before any of its code ran (the
+  worker could not set up, or a kernel never answered: the worker then
+  starts a fresh fork server).
 """
 
 from __future__ import annotations
@@ -185,6 +188,8 @@ class Summary:
     notebooks: int = 0
     timings: list[dict] = field(default_factory=list)
     zygote: dict = field(default_factory=dict)
+    retried: list[tuple[str, str, str]] = field(default_factory=list)  # graded again after an infrastructure failure
+    zygote_restarts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -473,6 +478,17 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
                     w.job = None
                     if job is None:
                         continue
+                    summary.zygote_restarts += bool(msg.get("zygote_restarted"))
+                    if msg.get("infra") and job.attempts < MAX_ATTEMPTS:
+                        # the worker could not set up, or a kernel never answered: no student code
+                        # ran and nothing is merged; the submission is graded again in this run
+                        summary.retried.append((job.assignment, job.student, msg.get("error") or ""))
+                        queue.append(job)
+                        if bar is not None:
+                            why = (msg.get("error") or "").strip().splitlines()[-1:] or [""]
+                            bar.write(f"again {job.assignment}/{job.student}: {why[0][:200]}")
+                        dispatch(w)
+                        continue
                     t0 = time.perf_counter()
                     merge(course, db, w, job, msg)
                     timings = dict(msg.get("timings") or {})
@@ -563,8 +579,6 @@ def merge(course: Course, db, w: Worker, job: Job, msg: dict) -> None:
         dst = course.state / "logs" / a / f"{s}.log"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log, dst)
-    if msg.get("infra") and job.attempts < MAX_ATTEMPTS:
-        return  # the worker could not even set up: not a verdict on the submission, retry next run
     _atomic_write(journal_path(course, a, s), json.dumps(
         {"fingerprint": job.fingerprint, "status": "ok" if msg.get("ok") else "failed",
          "error": msg.get("error"), "graded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -74,6 +74,21 @@ CONFIG_LINES = "\n".join(
 ) + "\n"
 
 
+def kernel_start_failed(events: list[tuple[str, float]]) -> bool:
+    """Whether the last kernel launched never answered (no notebook started after its launch).
+
+    Nothing of the student's runs before the kernel answers, so such a failure
+    says nothing about the submission: the batch grades it again.
+    """
+    launched = started = None
+    for name, t in sorted(events, key=lambda e: e[1]):
+        if name == "launch_start":
+            launched, started = t, None
+        elif name == "notebook_start" and launched is not None:
+            started = t
+    return launched is not None and started is None
+
+
 def split(events: list[tuple[str, float]]) -> list[dict[str, float]]:
     """Per-notebook durations from a time-ordered event list (seconds)."""
     out: list[dict[str, float]] = []

@@ -172,6 +172,11 @@ def main() -> int:
             result.update(ok=bool(res.get("success")), error=_short_error(res), rows=rows_to_json(rows),
                           timings={"prepare": t1 - t0, "autograde": t2 - t1, "export": time.perf_counter() - t2,
                                    "notebooks": notebooks})
+            if not res.get("success") and timing.kernel_start_failed(timing.EVENTS):
+                # no student code ran: not a verdict on the submission; the batch grades it again,
+                # and the next kernel comes from a fresh fork server in case this one is to blame
+                result.update(infra=True, error=f"a kernel did not start ({result['error']})",
+                              zygote_restarted=kernels.restart_zygote())
         except Exception:  # noqa: BLE001 - report, never stop
             result.update(ok=False, error=traceback.format_exc()[-3000:], rows=None, timings={}, infra=True)
         _reap_orphans()

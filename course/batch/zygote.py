@@ -151,6 +151,10 @@ def serve(sock_path: str, preload: list[str]) -> None:
     srv.bind(sock_path)
     srv.listen(8)
     print(json.dumps({"ready": True, "loaded": loaded, "failed": failed, "native_threads": _threads()}), flush=True)
+    # From here on our stdout is the worker's log (stderr), as it is for a kernel the worker starts
+    # itself. The pipe that carried the line above is read once: a kernel inheriting it would
+    # block in its first write once the pipe is full (each kernel logs its connection at start).
+    os.dup2(2, 1)
     while True:
         conn, _ = srv.accept()
         with conn:
