@@ -421,3 +421,26 @@ def test_zip_collect_of_an_lms_zip_feeds_the_batch(tmp_path):
     scores = dump(f"sqlite:///{root / 'gradebook.db'}")
     assert scores[f"{ASSIGNMENT}/ann"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 2.0
     assert scores[f"{ASSIGNMENT}/ben.smith"]["notebooks"]["tiny"]["grades"]["test_double"][0] == 0.0
+
+
+def test_a_fork_server_that_does_not_answer_is_replaced(tmp_path, monkeypatch):
+    """Zygote.fork gives up after FORK_TIMEOUT and stops the server, so the next kernel gets a new one."""
+    import socket
+
+    from course.batch import kernels
+
+    monkeypatch.setattr(kernels, "FORK_TIMEOUT", 0.5)
+    z = kernels.Zygote(tmp_path, [], dict(os.environ))
+    z.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a server that is stuck
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(z.sock))
+    mute.listen(1)  # accepts connections, never answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            z.fork(["-f", "x.json"], str(tmp_path), {})
+        assert time.monotonic() - t0 < 10
+        assert z.proc is None and z.restarts == 1  # stopped: the next fork starts a fresh server
+    finally:
+        mute.close()
+        z.stop()

@@ -41,6 +41,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
 PROVISIONER_NAME = "course-batch-warm"
+FORK_TIMEOUT = 30.0  # seconds for the fork server to answer; a fork takes milliseconds
 
 from course.batch.timing import _record as event
 
@@ -153,19 +154,25 @@ class Zygote:
         with self.lock:
             if not self.start():
                 raise RuntimeError(self.broken or "no zygote")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(self.sock))
-                s.sendall(json.dumps({"args": args, "cwd": cwd, "env": env,
-                                      "parent_pid": os.getpid()}).encode() + b"\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            pid = int(json.loads(data or b'{"pid": 0}')["pid"])
-            if pid <= 0:
-                raise RuntimeError("zygote failed to fork")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(FORK_TIMEOUT)
+                    s.connect(str(self.sock))
+                    s.sendall(json.dumps({"args": args, "cwd": cwd, "env": env,
+                                          "parent_pid": os.getpid()}).encode() + b"\n")
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                pid = int(json.loads(data or b'{"pid": 0}')["pid"])
+                if pid <= 0:
+                    raise RuntimeError("zygote failed to fork")
+            except Exception:
+                self.stop()  # whatever went wrong, the next kernel comes from a new server
+                self.restarts += 1
+                raise
             return pid
 
     def stop(self) -> None:
