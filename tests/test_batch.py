@@ -125,9 +125,16 @@ def batch(root: Path, *args: str, **extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def _sigint_as_at_a_terminal() -> None:
+    # a test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and Python
+    # keeps it ignored; the batch under test must see Ctrl-C as it would at a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_batch(root: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "course.batch", "grade", ASSIGNMENT, "--no-progress", *args],
-                            cwd=root, env=env(**FAST), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=root, env=env(**FAST), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
 
 
 def journal(root: Path) -> dict[str, dict]:
