@@ -170,10 +170,14 @@ class Zygote:
                 if pid <= 0:
                     raise RuntimeError("zygote failed to fork")
             except Exception:
-                self.stop()  # whatever went wrong, the next kernel comes from a new server
-                self.restarts += 1
+                self.restart()  # whatever went wrong, the next kernel comes from a new server
                 raise
             return pid
+
+    def restart(self) -> None:
+        """Stop the server; the next fork starts a new one."""
+        self.stop()
+        self.restarts += 1
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -279,8 +283,7 @@ def restart_zygote() -> bool:
     """Stop the fork server, if there is one; the next warm kernel comes from a new one."""
     if _ZYGOTE is None or _ZYGOTE.proc is None:
         return False
-    _ZYGOTE.stop()
-    _ZYGOTE.restarts += 1
+    _ZYGOTE.restart()
     return True
 
 
@@ -301,4 +304,4 @@ def kill_now() -> None:
 def zygote_state() -> dict[str, Any]:
     if _ZYGOTE is None:
         return {"enabled": False}
-    return {"enabled": True, "broken": _ZYGOTE.broken, "restarts": _ZYGOTE.restarts, **_ZYGOTE.info}
+    return {"enabled": True, "broken": _ZYGOTE.broken, **_ZYGOTE.info}

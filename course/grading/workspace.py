@@ -136,40 +136,24 @@ class Workspace:
         cmd = [sys.executable, "-m", "course.batch", "grade", *assignments, "--course-dir", str(self.root)]
         cmd += ["--workers", str(workers)] if workers else []
         cmd += ["--no-progress"] if quiet else []
-        base = list(cmd)
         for st in students:
             cmd += ["--student", st]
-
-        def run(args: list[str], note: str) -> None:
-            with self.log.open("a") as fh:
-                fh.write(f"$ {' '.join(args[:8])} ... ({note})\n")
-                fh.flush()
-                proc = subprocess.run(args, cwd=self.root, env=env, stdout=fh,
-                                      stderr=None if not quiet else fh, text=True)
-            if proc.returncode not in (0, 1):  # 1: some submission failed, read per student below
-                raise RuntimeError(f"the batch grader stopped with exit code {proc.returncode}; see {self.log}")
-
-        def entry(sub: Submission) -> dict:
-            journal = self.root / ".batch" / "journal" / sub.assignment / f"{sub.student}.json"
-            try:
-                return json.loads(journal.read_text())
-            except (OSError, ValueError):
-                return {"status": "missing", "error": "the batch grader wrote no result"}
-
-        run(cmd, f"{len(students)} students{', trusted' if trusted else ''}")
-        # the harness's own notebooks are deterministic: a submission that could not be graded
-        # (a kernel that did not start, say) is graded once more, and reported if it fails again
-        again = sorted({s.student for s in submissions if entry(s).get("status") != "ok"})
-        if again:
-            retry = base + ["--retry-failed"]
-            for st in again:
-                retry += ["--student", st]
-            run(retry, f"retry of {len(again)} submission(s) that could not be graded")
+        with self.log.open("a") as fh:
+            fh.write(f"$ {' '.join(cmd[:8])} ... ({len(students)} students{', trusted' if trusted else ''})\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=self.root, env=env, stdout=fh,
+                                  stderr=None if not quiet else fh, text=True)
+        if proc.returncode not in (0, 1):  # 1: some submission failed, reported per student below
+            raise RuntimeError(f"the batch grader stopped with exit code {proc.returncode}; see {self.log}")
         results = []
         for sub in submissions:
-            e = entry(sub)
-            if e.get("status") != "ok":
-                self.errors[sub.student] = str(e.get("error") or e.get("status"))
+            journal = self.root / ".batch" / "journal" / sub.assignment / f"{sub.student}.json"
+            try:
+                entry = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                entry = {"status": "missing", "error": "the batch grader wrote no result"}
+            if entry.get("status") != "ok":
+                self.errors[sub.student] = str(entry.get("error") or entry.get("status"))
             results.extend(read_scores(self.root / "gradebook.db", sub))
         return results
 
