@@ -45,16 +45,17 @@ def install() -> None:
     t0 = time.perf_counter()
     if not PY.exists():
         run([sys.executable, "-m", "venv", VENV])
-    wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+                            + (ROOT / "engine" / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:
         say("packages are up to date with requirements.txt")
     else:
         run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r", "requirements.txt"])
-        run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-e", "."])
+        run([PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "-e", ".", "-e", "engine"])
         STAMP.write_text(wanted)
     run([PY, "-m", "course.assets", "--quiet"])
     # the kernelspec nbgrader autograde uses to run student code in the bubblewrap sandbox
-    run([PY, "-m", "course.sandbox", "install"])
+    run([PY, "-m", "grading_engine.sandbox", "install", "--package", "course"])
     say(f"setup done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
     install()
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(VENV))
     if command == "demo":
-        return subprocess.run([str(PY), "-m", "course.demo", *rest], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(PY), "-m", "course_tools.demo", *rest], cwd=ROOT, env=env).returncode
     if command == "test":
         return subprocess.run([str(PY), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
     return 0

@@ -52,40 +52,23 @@ c.FileNameCollectorPlugin.named_regexp = (
 )
 
 # ----------------------------------------------------------------------------
-# Grading integrity (course.sandbox, course.integrity; README "Grading integrity").
-# nbgrader autograde runs student code in the bubblewrap sandbox kernel
-# (course-sandbox) and gives a test cell its points only with evidence that
-# matches a reference run; nbgrader generate_feedback shows no hidden test.
-# Environment switches: COURSE_SANDBOX=off (no isolation, loud warning),
-# COURSE_INTEGRITY=off (stock scoring and feedback); both off = stock nbgrader.
-def _course_integrity(c):
-    import json
-    import re
-    import sys
+# The grading engine (engine/, package grading_engine; README "Grading integrity"):
+# nbgrader autograde runs student code in its bubblewrap sandbox kernel and gives
+# a test cell its points only with evidence that matches a reference run;
+# nbgrader generate_feedback shows no hidden test. Its settings are
+# c.GradingEngine.* (python -m grading_engine settings lists them).
+c.GradingEngine.sandbox_packages = ["course"]  # the support package the notebooks import
 
-    try:
-        import course.integrity.config as integrity
-    except ImportError:
-        # not installed (pip install -e .): this checkout, or the one the sandbox kernelspec was installed from
-        spec = Path(sys.prefix) / "share" / "jupyter" / "kernels" / "course-sandbox" / "kernel.json"
-        candidates = [COURSE_ROOT]
-        if spec.exists():
-            found = re.search(r"sys\.path\.insert\(0, '([^']+)'\)", " ".join(json.loads(spec.read_text())["argv"]))
-            if found:
-                candidates.append(Path(found.group(1)))
-        for root in candidates:
-            if (root / "course" / "integrity" / "config.py").exists():
-                sys.path.insert(0, str(root))
-                break
-        try:
-            import course.integrity.config as integrity
-        except ImportError:
-            if "autograde" in sys.argv[1:3]:
-                raise SystemExit("nbgrader_config.py: the course package is not importable, so autograde "
-                                 "refuses to run without its sandbox; run: python3 bootstrap.py setup")
-            return
-    integrity.configure(c)
+try:
+    from grading_engine.plugin import configure
+except ImportError as exc:
+    _missing = f"the grading engine is not importable ({exc}); run: python3 bootstrap.py setup"
 
+    def _refuse(**kwargs):
+        raise SystemExit(f"nbgrader_config.py: {_missing}; autograde refuses to run student code without it")
 
-_course_integrity(c)
+    # autograde alone calls this hook: every other command still works without the engine
+    c.Autograde.pre_convert_hook = _refuse
+else:
+    configure(c)
 # ----------------------------------------------------------------------------

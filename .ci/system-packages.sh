@@ -8,7 +8,7 @@ if ! command -v apt-get >/dev/null; then
 fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PACKAGES=(
-  bubblewrap        # sandbox for autograding student code (course.sandbox); setpriv comes with util-linux
+  bubblewrap        # sandbox for autograding student code (grading_engine.sandbox); setpriv comes with util-linux
   postgresql        # tests/test_postgres.py starts a throw-away server (the gradebook on PostgreSQL)
   chromium          # the browser the end-to-end JupyterLab test drives (tests/browser, Playwright)
   chromium-driver   #   and its driver, from Debian: the test never downloads a browser
@@ -20,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# course.sandbox as an ordinary user needs unprivileged user namespaces; Ubuntu 24.04+ may restrict them
+# grading_engine.sandbox as an ordinary user needs unprivileged user namespaces; Ubuntu 24.04+ may restrict them
 # with AppArmor (GitHub's runners do). Lift the restriction on this CI machine if bwrap cannot start.
 if command -v bwrap >/dev/null && ! bwrap --unshare-user --ro-bind / / true 2>/dev/null; then
   if [ -e /proc/sys/kernel/apparmor_restrict_unprivileged_userns ]; then

@@ -1,4 +1,4 @@
-"""Benchmark: stock sequential `nbgrader autograde` against `python -m course.batch grade`, on one synthetic class.
+"""Benchmark: stock sequential `nbgrader autograde` against `python -m grading_engine.batch grade`, on one synthetic class.
 
     python benchmarks/bench_batch.py            # 40 students, every assignment in source/
     python benchmarks/bench_batch.py --quick    # 6 students: a few minutes
@@ -44,12 +44,12 @@ sys.path.insert(0, str(REPO))
 
 import nbformat  # noqa: E402
 
-from course.batch import timing  # noqa: E402
-from course.batch.gradebook import dump  # noqa: E402
-from course.batch.runner import grade, time_split  # noqa: E402  (imported now: the run takes long)
-from course.grading.mutants import load_mutants  # noqa: E402
-from course.grading.notebooks import answer_cells, read_notebook  # noqa: E402
-from course.paths import SOURCE_DIR  # noqa: E402
+from grading_engine.batch import timing  # noqa: E402
+from grading_engine.batch.gradebook import dump  # noqa: E402
+from grading_engine.batch.runner import grade, time_split  # noqa: E402  (imported now: the run takes long)
+from course_tools.grading.mutants import load_mutants  # noqa: E402
+from course_tools.grading.notebooks import answer_cells, read_notebook  # noqa: E402
+from course_tools.paths import SOURCE_DIR  # noqa: E402
 
 # 8 correct, 6 partial, 3 blank, 3 broken in every 20 students, interleaved so that small classes get each kind
 KINDS = ["correct", "partial", "blank", "broken", "correct", "partial", "correct", "partial", "correct", "blank",
@@ -191,11 +191,11 @@ def main(argv=None) -> int:
 
     kernel = "python3"
     try:
-        from course.integrity.config import integrity_requested
-        from course.sandbox import KERNEL_NAME, requested
+        from grading_engine.plugin import integrity_requested
+        from grading_engine.sandbox import KERNEL_NAME, requested
 
         if requested() or integrity_requested():
-            kernel = KERNEL_NAME  # what course.integrity.config makes autograde use
+            kernel = KERNEL_NAME  # what grading_engine.plugin makes autograde use
     except ImportError:
         pass
     # Work done once per notebook for the whole class (the integrity checks'
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
     if not args.skip_stock:
         with (stock / "nbgrader_config.py").open("a") as fh:
-            fh.write("\n# benchmark: timestamps only (course.batch.timing)\n" + timing.CONFIG_LINES)
+            fh.write("\n# benchmark: timestamps only (grading_engine.batch.timing)\n" + timing.CONFIG_LINES)
         tfile = base / "stock-timing.jsonl"
         print("\n== stock: nbgrader autograde, one assignment after another", flush=True)
         c0, t0 = cpu(), time.perf_counter()
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         figures["stock"]["split"] = split
         print(f"stock: {wall:.0f} s, {60 * n_nb / wall:.1f} notebooks/min", flush=True)
 
-    print(f"\n== batch: python -m course.batch grade ... --workers {workers}", flush=True)
+    print(f"\n== batch: python -m grading_engine.batch grade ... --workers {workers}", flush=True)
     c0, t0 = cpu(), time.perf_counter()
     s = grade(assignments, ours, workers=workers, warm=not args.cold)
     wall = time.perf_counter() - t0

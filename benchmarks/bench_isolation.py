@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from course.paths import SOURCE_DIR  # noqa: E402
+from course_tools.paths import SOURCE_DIR  # noqa: E402
 
 CONFIGS = {
     "plain": {"COURSE_SANDBOX": "off", "COURSE_INTEGRITY": "off"},

@@ -5,7 +5,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIR = REPO_ROOT / "source"
 RELEASE_DIR = REPO_ROOT / "release"
-MUTANTS_DIR = REPO_ROOT / "tests" / "mutants"
+
 HANDS_ON_ASSIGNMENT = "04_hands_on_exercises"
 HANDS_ON_ASSETS = SOURCE_DIR / HANDS_ON_ASSIGNMENT / "assets"
 

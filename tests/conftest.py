@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from course.grading.check import CourseReport, all_assignments, grade
+from course_tools.grading.check import CourseReport, all_assignments, grade
 
 _REPORT: list[CourseReport] = []
 

@@ -1,4 +1,4 @@
-"""Batch grading (course.batch): same grades as stock nbgrader autograde, resumable, robust, LMS import, reports.
+"""Batch grading (grading_engine.batch): same grades as stock nbgrader autograde, resumable, robust, LMS import, reports.
 
 Every test builds a tiny course in a temporary folder (one or two one-task
 notebooks whose setup cell imports only ``math``), so the real
@@ -27,8 +27,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from course.batch.gradebook import dump
-from course.paths import REPO_ROOT
+from grading_engine.batch.gradebook import dump
+from course_tools.paths import REPO_ROOT
 
 ASSIGNMENT = "tiny"
 FAST = {"COURSE_SANDBOX": "off", "COURSE_INTEGRITY": "off"}
@@ -121,7 +121,7 @@ def submit(root: Path, students: dict[str, str]) -> None:
 
 
 def batch(root: Path, *args: str, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "course.batch", *args], cwd=root, env=env(**extra),
+    return subprocess.run([sys.executable, "-m", "grading_engine.batch", *args], cwd=root, env=env(**extra),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -132,7 +132,7 @@ def _sigint_as_at_a_terminal() -> None:
 
 
 def start_batch(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "course.batch", "grade", ASSIGNMENT, "--no-progress", *args],
+    return subprocess.Popen([sys.executable, "-m", "grading_engine.batch", "grade", ASSIGNMENT, "--no-progress", *args],
                             cwd=root, env=env(**FAST), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=_sigint_as_at_a_terminal)
 
@@ -163,7 +163,7 @@ def workers_of(pid: int) -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and "course.batch.worker" in cmd:
+        if ppid == pid and "grading_engine.batch.worker" in cmd:
             out.append(int(p.name))
     return out
 
@@ -216,7 +216,7 @@ def test_batch_gradebook_equals_stock_autograde(graded_class):
     assert set(ours) == {f"{ASSIGNMENT}/{s}" for s in CLASS}
     assert ours == stock
     assert autograded_files(graded_class["batch"]) == autograded_files(graded_class["stock"])
-    # the integrity records of course.integrity (when it is on) come back from the workers too
+    # the integrity records of grading_engine (when it is on) come back from the workers too
     for sub in ("integrity",):
         if (graded_class["stock"] / sub).exists():
             names = {p.name for p in (graded_class["stock"] / sub / ASSIGNMENT).glob("*.json")}
@@ -434,7 +434,7 @@ def test_a_fork_server_that_does_not_answer_is_replaced(tmp_path, monkeypatch):
     """Zygote.fork gives up after FORK_TIMEOUT and stops the server, so the next kernel gets a new one."""
     import socket
 
-    from course.batch import kernels
+    from grading_engine.batch import kernels
 
     monkeypatch.setattr(kernels, "FORK_TIMEOUT", 0.5)
     z = kernels.Zygote(tmp_path, [], dict(os.environ))

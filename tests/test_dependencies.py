@@ -7,7 +7,7 @@ from importlib import metadata
 
 import yaml
 
-from course.paths import REPO_ROOT
+from course_tools.paths import REPO_ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s;#]+)$")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from course.grading.check import NotebookReport
-from course.grading.mutants import Mutant
-from course.grading.workspace import NotebookScore
+from course_tools.grading.check import NotebookReport
+from course_tools.grading.mutants import Mutant
+from course_tools.grading.workspace import NotebookScore
 
 TESTS = ["test_double", "test_quiz_1", "test_quiz_2"]
 

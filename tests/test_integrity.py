@@ -1,4 +1,4 @@
-"""Evidence-based scoring, the static scan, the guard, feedback and the report (course.integrity).
+"""Evidence-based scoring, the static scan, the guard, feedback and the report (grading_engine).
 
 Most tests run the instrumentation and the in-kernel recorder in this process
 (no kernel): the instrumented test cell is executed here, its records are
@@ -21,13 +21,14 @@ import nbformat
 import pytest
 import torch
 
-from course.integrity import EVIDENCE_MIME, probe
-from course.integrity.evidence import judge_cell, same_value
-from course.integrity.feedback import SanitizeFeedback, strip_hidden
-from course.integrity.instrument import instrument_cell, notebook_taint, plan_cell
-from course.integrity.reference import assert_plans, role
-from course.integrity.scan import scan_code
-from course.paths import REPO_ROOT, SOURCE_DIR, source_notebooks
+from grading_engine.kernel import probe
+from grading_engine.protocol import EVIDENCE_MIME
+from grading_engine.evidence.judge import judge_cell, same_value
+from grading_engine.preprocessors.feedback import SanitizeFeedback, strip_hidden
+from grading_engine.evidence.instrument import instrument_cell, notebook_taint, plan_cell
+from grading_engine.evidence.reference import assert_plans, role
+from grading_engine.evidence.scan import scan_code
+from course_tools.paths import REPO_ROOT, SOURCE_DIR, source_notebooks
 
 TEST_CELL = textwrap.dedent('''\
     W = torch.arange(12.0).reshape(4, 3)
@@ -301,7 +302,7 @@ def test_audit_events_leave_the_process_as_they_happen(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         r, w = os.pipe()
-        from course.integrity import audit
+        from grading_engine.kernel import audit
         audit.install(w)
         audit.emit("kernel.ready")
         try:
@@ -355,7 +356,7 @@ def test_honest_submissions_raise_no_flag(course_report, student):
 
 
 def _guard_case():
-    from course.integrity.reference import GradebookNotebook
+    from grading_engine.evidence.reference import GradebookNotebook
 
     test_src = "assert f(1) == 2\n### BEGIN HIDDEN TESTS\nassert f(2) == 3\n### END HIDDEN TESTS"
     gb = GradebookNotebook(
@@ -369,7 +370,7 @@ def _guard_case():
 
 
 def test_guard_repairs_metadata_that_would_stop_a_batch():
-    from course.integrity.guard import GuardSubmission, released
+    from grading_engine.preprocessors.guard import GuardSubmission, released
 
     gb, meta, tmeta, test_src = _guard_case()
     cells = [nbformat.v4.new_code_cell("def f(x):\n    return x + 1", metadata={"nbgrader": dict(meta)}),
@@ -387,7 +388,7 @@ def test_guard_repairs_metadata_that_would_stop_a_batch():
 
 
 def test_guard_keeps_only_the_last_duplicate_and_flags_structure():
-    from course.integrity.guard import GuardSubmission, released
+    from grading_engine.preprocessors.guard import GuardSubmission, released
 
     gb, meta, tmeta, test_src = _guard_case()
     cells = [nbformat.v4.new_code_cell("def f(x):\n    return x + 1", metadata={"nbgrader": dict(meta)}),

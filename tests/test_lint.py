@@ -7,8 +7,8 @@ import copy
 import nbformat
 import pytest
 
-from course.grading.lint import lint_release, lint_source
-from course.grading.notebooks import protected_regions, checks_after, visible_text
+from course_tools.grading.lint import lint_release, lint_source
+from course_tools.grading.notebooks import protected_regions, checks_after, visible_text
 from notebook_factory import good_notebook
 
 

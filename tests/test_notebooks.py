@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from course.grading.check import all_assignments, release_differences
-from course.grading.lint import lint_assignment_files, lint_release, lint_source
-from course.grading.mutants import load_mutants
-from course.grading.notebooks import answer_cells, read_notebook
-from course.grading.workspace import clean_env
-from course.paths import RELEASE_DIR, SOURCE_DIR, source_notebooks
+from course_tools.grading.check import all_assignments, release_differences
+from course_tools.grading.lint import lint_assignment_files, lint_release, lint_source
+from course_tools.grading.mutants import load_mutants
+from course_tools.grading.notebooks import answer_cells, read_notebook
+from course_tools.grading.workspace import clean_env
+from course_tools.paths import RELEASE_DIR, SOURCE_DIR, source_notebooks
 
 ASSIGNMENTS = all_assignments()
 NOTEBOOKS = [(a, p.stem) for a in ASSIGNMENTS for p in source_notebooks(a)]
@@ -73,7 +73,7 @@ def test_mutant_names_are_unique(assignment, notebook):
 def test_release_is_what_generate_assignment_makes_today(course_report, assignment):
     diffs = release_differences(course_report.workspace / "release" / assignment, RELEASE_DIR / assignment)
     assert not diffs, (f"release/{assignment} is stale in {diffs}; "
-                       f"run: python -m course.grading release {assignment}")
+                       f"run: python -m course_tools.grading release {assignment}")
 
 
 @grading

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from course.batch.gradebook import dump
+from grading_engine.batch.gradebook import dump
 from test_batch import ASSIGNMENT, FAST, batch, make_course, nbgrader, submit
 
 

@@ -64,7 +64,7 @@ def test_the_report_shows_flags_beside_grades(adversarial):
 
     res = adversarial["course"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    p = subprocess.run([sys.executable, "-m", "course.integrity", "report", "adv", "--brief"], cwd=res.course,
+    p = subprocess.run([sys.executable, "-m", "grading_engine", "report", "adv", "--brief"], cwd=res.course,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith(("a000", "b", "z999"))}

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from labdriver import CHROMIUM_CANDIDATES, find_chromium, launch_chromium  # noqa: E402
 
-from course.paths import REPO_ROOT  # noqa: E402
+from course_tools.paths import REPO_ROOT  # noqa: E402
 
 ARTIFACTS = REPO_ROOT / "build" / "browser-artifacts"
 

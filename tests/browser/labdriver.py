@@ -1,6 +1,6 @@
 """Drive a real JupyterLab with Playwright and the system's Chromium.
 
-A :class:`LabServer` is JupyterLab started by :mod:`course.lab` (the same
+A :class:`LabServer` is JupyterLab started by :mod:`course_tools.lab` (the same
 launcher students and instructors use) on 127.0.0.1, a free port and a
 random token. A :class:`Lab` wraps one browser page on it with the few UI
 gestures the end-to-end test needs: menus, cells, running, waiting for the
@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from course.lab import prepare
+from course_tools.lab import prepare
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = [
@@ -71,7 +71,7 @@ def free_port() -> int:
 
 
 class LabServer:
-    """JupyterLab for one role, started with ``course.lab``'s configuration on loopback."""
+    """JupyterLab for one role, started with ``course_tools.lab``'s configuration on loopback."""
 
     def __init__(self, role: str, root: Path, workdir: Path, env: dict[str, str], exchange: Path,
                  student_id: str | None = None):

@@ -4,14 +4,14 @@ One course in a temporary folder, with the real nbgrader exchange:
 
 * instructor (command line): ``nbgrader generate_assignment`` and
   ``release_assignment`` for exercise 1 of ``04_hands_on_exercises``;
-* student (JupyterLab, started with ``python -m course.lab student``'s
+* student (JupyterLab, started with ``python -m course_tools.lab student``'s
   configuration, in Chromium): fetch the assignment in the Assignment List,
   open the notebook, *Run All Cells* and read where it stops, run a check and
   see it fail, type a wrong answer into the answer cell and read the check's
   message, type the right one, run all again and see both checks of the task
   pass, press *Validate* and read its report, then *Submit*;
 * instructor (command line): ``nbgrader collect`` and ``autograde``;
-* instructor (JupyterLab, ``python -m course.lab instructor``): open the
+* instructor (JupyterLab, ``python -m course_tools.lab instructor``): open the
   Formgrader and find the student's graded submission with its score.
 
 Every step leaves a screenshot in ``build/browser-artifacts/``, next to the
@@ -28,8 +28,8 @@ import urllib.request
 import pytest
 from playwright.sync_api import expect
 
-from course.grading.workspace import clean_env, run_nbgrader
-from course.paths import REPO_ROOT
+from course_tools.grading.workspace import clean_env, run_nbgrader
+from course_tools.paths import REPO_ROOT
 from labdriver import Lab, LabServer, copy_course
 
 pytestmark = pytest.mark.browser
@@ -151,7 +151,7 @@ def _student_session(lab: Lab, dirs) -> None:
     answer = lab.code_cell(ANSWER_SIGNATURE)
     assert answer.locator(".cm-editor.jp-mod-readOnly").count() == 0, "the answer cell must be editable"
     label = setup.locator(".jp-InputArea-editor").evaluate("e => getComputedStyle(e, '::after').content")
-    assert "read-only" in label, f"locked cells should be labelled read-only (course.lab's CSS), got {label!r}"
+    assert "read-only" in label, f"locked cells should be labelled read-only (course_tools.lab's CSS), got {label!r}"
     lab.shot("notebook_opened_setup_locked")
     lab.shot("theory_equations", lab.notebook.locator(".jp-MarkdownCell", has_text="A table of vectors"))
 

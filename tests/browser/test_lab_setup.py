@@ -1,4 +1,4 @@
-"""JupyterLab and nbgrader's extensions as installed, and course.lab's configuration per role (no browser)."""
+"""JupyterLab and nbgrader's extensions as installed, and course_tools.lab's configuration per role (no browser)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from course.lab import (INSTRUCTOR_ONLY_PLUGINS, INSTRUCTOR_ONLY_SERVER_EXTENSIONS, SHARED_SERVER_EXTENSIONS,
+from course_tools.lab import (INSTRUCTOR_ONLY_PLUGINS, INSTRUCTOR_ONLY_SERVER_EXTENSIONS, SHARED_SERVER_EXTENSIONS,
                         prepare)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,1 +1,0 @@
-"""Instructor tools: lint, release, autograde harness (see ``python -m course.grading --help``)."""

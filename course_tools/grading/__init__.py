@@ -1,0 +1,1 @@
+"""Instructor tools: lint, release, autograde harness (see ``python -m course_tools.grading --help``)."""

@@ -1,0 +1,720 @@
+"""Judge a test cell from its evidence, in the grader's process.
+
+For each test cell the grader has
+
+* the plan of its asserts (:mod:`grading_engine.evidence.instrument`): the tree of
+  each assert and, for every leaf, whether it is *tainted* (may depend on the
+  student's work);
+* the records of the reference run (run A) and of the perturbed reference run
+  (run B, every random generator moved before each cell): a leaf whose value
+  is the same in A and B is *stable*;
+* the records of the student's run.
+
+A test cell earns its points only if its records are complete (``begin``,
+one record per assert in the reference's order, ``done``) and every assert
+holds when the grader redoes it: comparisons, ``torch.equal``,
+``torch.allclose``, ``isinstance``, ``.all()``, ... are recomputed here with
+numpy and plain Python on the reported values, never with a function the
+student's code could have replaced. An untainted, stable leaf (a value the
+test computes from its own inputs) must equal the reference run's value;
+otherwise the test's own values were changed (a patched library function, a
+redefined name) and the cell fails with a flag.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FLOAT_RTOL = 1e-6
+FLOAT_ATOL = 1e-9
+
+
+# ------------------------------------------------------------------ values
+
+
+class Uncertain(Exception):
+    """The grader cannot recompute this from the reported values."""
+
+
+class Untrusted(Exception):
+    """The check compares an object whose comparison methods the notebook defines."""
+
+
+@dataclass
+class Arr:
+    dt: str
+    shape: tuple
+    n: int
+    kind: str
+    h: str
+    vals: np.ndarray | None
+    full: bool
+    st: list
+    lib: str
+    bases: list
+    id: int | None = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "f"
+
+    def item(self):
+        if self.n != 1 or self.vals is None:
+            raise Uncertain("not a one-element array")
+        v = self.vals.reshape(-1)[0]
+        return bool(v) if self.kind == "b" else (float(v) if self.kind == "f" else int(v))
+
+
+@dataclass
+class Elem:
+    """An elementwise result (boolean array) computed by the grader."""
+
+    vals: np.ndarray
+    full: bool
+    n: int
+
+
+@dataclass(frozen=True)
+class Const:
+    v: str  # torch.dtype:torch.float32, ...
+
+
+@dataclass
+class TypeVal:
+    q: str
+    bases: list
+    abc: bool
+    main: bool
+
+
+@dataclass
+class Opaque:
+    ty: str
+    bases: list
+    id: int | None
+    truth: bool | None
+    main: bool
+
+
+@dataclass
+class Seq:
+    kind: str
+    items: list
+    n: int
+    complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
+
+
+@dataclass
+class SetVal:
+    items: list
+    n: int
+    complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
+
+
+@dataclass
+class DictVal:
+    items: list
+    n: int
+    complete: bool
+    bases: list = field(default_factory=list)
+    id: int | None = None
+
+
+PY_MRO = {bool: ["builtins.bool", "builtins.int", "builtins.object"], int: ["builtins.int", "builtins.object"],
+          float: ["builtins.float", "builtins.object"], str: ["builtins.str", "builtins.object"],
+          type(None): ["builtins.NoneType", "builtins.object"], complex: ["builtins.complex", "builtins.object"]}
+
+
+def decode(s: dict):
+    t = s.get("t")
+    if t == "c":
+        return s["v"]
+    if t == "i":
+        return int(s["v"])
+    if t == "f":
+        return float(s["v"])
+    if t == "x":
+        v = s["v"]
+        return complex(v[0], v[1]) if isinstance(v, list) else complex(v)
+    if t == "s":
+        if s.get("n", 0) > len(s["v"]):
+            raise Uncertain("long string")
+        return s["v"]
+    if t == "a":
+        vals = None
+        if "v" in s:
+            raw = base64.b64decode(s["v"])
+            dt = {"f": np.float64, "b": np.uint8}.get(s["k"], np.int64)
+            vals = np.frombuffer(raw, dtype=dt)
+            if s["k"] == "b":
+                vals = vals.astype(bool)
+            if s.get("full"):
+                vals = vals.reshape(s["sh"])
+        return Arr(s["dt"], tuple(s["sh"]), s["n"], s["k"], s["h"], vals, bool(s.get("full")), s.get("st", []),
+                   s.get("lib", ""), s.get("mro", []), s.get("id"))
+    if t == "q":
+        items = [decode(v) for v in s["v"]]
+        return Seq(s["k"], items, s["n"], s["n"] == len(items), s.get("mro", []), s.get("id"))
+    if t == "set":
+        return SetVal([decode(v) for v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []), s.get("id"))
+    if t == "d":
+        return DictVal([(decode(k), decode(v)) for k, v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []),
+                       s.get("id"))
+    if t == "k":
+        return Const(s["v"])
+    if t == "type":
+        return TypeVal(s["q"], s.get("mro", []), bool(s.get("abc")), bool(s.get("main")))
+    return Opaque(s.get("ty", "?"), s.get("mro", []), s.get("id"), s.get("truth"), bool(s.get("main")))
+
+
+def py(v):
+    """A plain Python value for comparisons, or Uncertain."""
+    if isinstance(v, (bool, int, float, str, complex)) or v is None:
+        return v
+    if isinstance(v, Arr):
+        return v.item()
+    if isinstance(v, Seq):
+        if not v.complete:
+            raise Uncertain("long sequence")
+        items = tuple(py(x) for x in v.items)
+        return list(items) if v.kind == "list" else items
+    if isinstance(v, SetVal):
+        if not v.complete:
+            raise Uncertain("long set")
+        return frozenset(py(x) for x in v.items)
+    if isinstance(v, DictVal):
+        if not v.complete:
+            raise Uncertain("long dict")
+        return {py(k): py(x) for k, x in v.items}
+    if isinstance(v, (Const, TypeVal)):
+        return v
+    if isinstance(v, Elem):
+        raise Uncertain("elementwise result used as a value")
+    raise Uncertain(f"cannot compare {type(v).__name__}")
+
+
+def truth(v) -> bool:
+    if isinstance(v, Arr):
+        if v.n == 1:
+            return bool(v.item())
+        raise Uncertain("truth value of an array with several elements")
+    if isinstance(v, Elem):
+        if v.n == 1:
+            return bool(v.vals.reshape(-1)[0])
+        raise Uncertain("truth value of an array with several elements")
+    if isinstance(v, Opaque):
+        if v.truth is None:
+            raise Uncertain("truth value of an opaque object")
+        return v.truth
+    if isinstance(v, (TypeVal, Const)):
+        return True
+    if isinstance(v, (Seq, SetVal, DictVal)):
+        return v.n > 0
+    return bool(v)
+
+
+def mro_of(v) -> list:
+    if isinstance(v, (Arr, Opaque, Seq, SetVal, DictVal)):
+        if not v.bases:
+            raise Uncertain("type not reported")
+        return v.bases
+    if isinstance(v, TypeVal):
+        return ["builtins.type", "builtins.object"]
+    if isinstance(v, Const):
+        return [v.v.split(":")[0], "builtins.object"]
+    return PY_MRO.get(type(v)) or (_ for _ in ()).throw(Uncertain("type"))
+
+
+# ----------------------------------------------------------- recomputation
+
+
+def _arr_values(a) -> tuple[np.ndarray, bool]:
+    if isinstance(a, Arr):
+        if a.vals is None:
+            raise Uncertain("array without values")
+        return a.vals, a.full
+    if isinstance(a, Elem):
+        return a.vals, a.full
+    return np.asarray(py(a)), True
+
+
+def _elementwise(op: str, a, b) -> Elem:
+    av, af = _arr_values(a)
+    bv, bf = _arr_values(b)
+    sa = a.shape if isinstance(a, Arr) else None
+    sb = b.shape if isinstance(b, Arr) else None
+    if not (af and bf):
+        # samples line up only between arrays of one shape, or an array and a scalar
+        if not ((sa is not None and sb is not None and sa == sb) or np.ndim(av) == 0 or np.ndim(bv) == 0
+                or (isinstance(a, Arr) and a.n == 1) or (isinstance(b, Arr) and b.n == 1)):
+            raise Uncertain("sampled arrays of different shapes")
+    f = {"Eq": np.equal, "NotEq": np.not_equal, "Lt": np.less, "LtE": np.less_equal, "Gt": np.greater,
+         "GtE": np.greater_equal}[op]
+    with np.errstate(all="ignore"):
+        r = np.asarray(f(av, bv), dtype=bool)
+    n = int(max(a.n if isinstance(a, Arr) else r.size, b.n if isinstance(b, Arr) else r.size))
+    return Elem(r, af and bf, n)
+
+
+def identical(a, b) -> bool:
+    """``a is b`` from the identities the kernel reported (both values from the same run)."""
+    if isinstance(a, (TypeVal,)) and isinstance(b, TypeVal):
+        return a.q == b.q
+    if isinstance(a, Const) and isinstance(b, Const):
+        return a.v == b.v
+    if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    ia, ib = getattr(a, "id", None), getattr(b, "id", None)
+    if ia is None or ib is None:
+        if isinstance(a, (int, float, str)) and isinstance(b, (int, float, str)):
+            raise Uncertain("identity of plain values")
+        return False
+    return ia == ib
+
+
+def compare(op: str, a, b):
+    """``a op b`` with Python / torch semantics, on decoded values."""
+    if op in ("Is", "IsNot"):
+        same = identical(a, b)
+        return same if op == "Is" else not same
+    if isinstance(a, (Arr, Elem)) or isinstance(b, (Arr, Elem)):
+        if op in ("In", "NotIn"):
+            if isinstance(b, Arr):
+                hit = _elementwise("Eq", a, b)
+                found = bool(hit.vals.any())
+                if not found and not hit.full:
+                    raise Uncertain("membership in a sampled array")
+                return found if op == "In" else not found
+            raise Uncertain("array in a container")
+        if (isinstance(a, Arr) and a.n == 1 and not isinstance(b, (Arr, Elem))) or (
+                isinstance(b, Arr) and b.n == 1 and not isinstance(a, (Arr, Elem))):
+            pass  # a one-element tensor against a number still gives a tensor: elementwise below
+        return _elementwise(op, a, b)
+    if isinstance(a, Opaque) or isinstance(b, Opaque):
+        if (isinstance(a, Opaque) and a.main) or (isinstance(b, Opaque) and b.main):
+            raise Untrusted("comparison of an object of a class defined in the notebook")
+        raise Uncertain("comparison of opaque objects")
+    pa, pb = py(a), py(b)
+    if isinstance(pa, Const) or isinstance(pb, Const):
+        if op in ("Eq", "NotEq"):
+            eq = isinstance(pa, Const) and isinstance(pb, Const) and pa.v == pb.v
+            if not eq and isinstance(pa, Const) != isinstance(pb, Const):
+                other = pb if isinstance(pa, Const) else pa
+                c = pa if isinstance(pa, Const) else pb
+                if isinstance(other, str) and c.v.startswith("numpy.dtype:"):
+                    eq = c.v.split(":", 1)[1] == other
+            return eq if op == "Eq" else not eq
+        if op in ("In", "NotIn") and isinstance(pb, (tuple, list, frozenset)):
+            found = any(isinstance(x, Const) and isinstance(pa, Const) and x.v == pa.v for x in pb)
+            return found if op == "In" else not found
+        raise Uncertain("ordering of constants")
+    if isinstance(pa, TypeVal) or isinstance(pb, TypeVal):
+        if op in ("Eq", "NotEq"):
+            eq = isinstance(pa, TypeVal) and isinstance(pb, TypeVal) and pa.q == pb.q
+            return eq if op == "Eq" else not eq
+        if op in ("In", "NotIn") and isinstance(pb, (tuple, list, frozenset)):
+            found = any(isinstance(x, TypeVal) and isinstance(pa, TypeVal) and x.q == pa.q for x in pb)
+            return found if op == "In" else not found
+        raise Uncertain("ordering of types")
+    if isinstance(b, DictVal) and op in ("In", "NotIn"):
+        found = pa in pb
+        return found if op == "In" else not found
+    fn = {"Eq": lambda x, y: x == y, "NotEq": lambda x, y: x != y, "Lt": lambda x, y: x < y,
+          "LtE": lambda x, y: x <= y, "Gt": lambda x, y: x > y, "GtE": lambda x, y: x >= y,
+          "In": lambda x, y: x in y, "NotIn": lambda x, y: x not in y}[op]
+    try:
+        return fn(pa, pb)
+    except TypeError as exc:
+        raise Uncertain(str(exc)) from None
+
+
+def _kw(kws: dict, name: str, default):
+    v = kws.get(name, default)
+    return float(py(v)) if not isinstance(v, bool) else v
+
+
+def _close(a, b, rtol, atol, equal_nan=False, shapes_must_match=False) -> bool:
+    if isinstance(a, Arr) and isinstance(b, Arr):
+        if shapes_must_match and a.shape != b.shape:
+            return False
+        if not (a.full and b.full):
+            if a.shape != b.shape:
+                raise Uncertain("sampled arrays of different shapes")
+            av, bv = a.vals, b.vals
+            if not np.allclose(av, bv, rtol=rtol, atol=atol, equal_nan=equal_nan):
+                return False
+            # necessary condition on the whole arrays: |sum(a) - sum(b)| <= n*atol + rtol*sum|b|
+            if a.st and b.st and a.kind == b.kind == "f":
+                if (a.st[4] or b.st[4]) and not equal_nan:
+                    return False
+                if abs(a.st[0] - b.st[0]) > a.n * atol + rtol * b.st[1] + 1e-9 * max(1.0, b.st[1]):
+                    return False
+            raise Uncertain("sampled arrays agree on the sample")
+    av, _ = _arr_values(a)
+    bv, _ = _arr_values(b)
+    try:
+        np.broadcast_shapes(np.shape(av), np.shape(bv))
+    except ValueError:
+        raise Uncertain("shapes do not broadcast") from None
+    return bool(np.allclose(av, bv, rtol=rtol, atol=atol, equal_nan=equal_nan))
+
+
+def _equal(a, b) -> bool:
+    """torch.equal: same shape and same values (dtype may differ)."""
+    if not (isinstance(a, Arr) and isinstance(b, Arr)):
+        raise Uncertain("torch.equal on non-tensors")
+    if a.shape != b.shape:
+        return False
+    if a.full and b.full:
+        with np.errstate(all="ignore"):
+            return bool(np.array_equal(a.vals, b.vals))
+    if a.dt == b.dt and a.h == b.h:
+        if a.kind == "f" and (a.st[4] or b.st[4]):
+            return False  # NaN != NaN
+        return True
+    if not np.array_equal(a.vals, b.vals):
+        return False
+    if a.dt == b.dt:
+        # same dtype, different bytes: different values, except -0.0 against 0.0
+        raise Uncertain("sampled arrays differ only outside the sample (or in the sign of zeros)")
+    raise Uncertain("sampled arrays of different dtypes agree on the sample")
+
+
+def _reduce(kind: str, v) -> bool:
+    if isinstance(v, Arr):
+        if v.kind == "b" and v.st:
+            count = v.st[0]
+            return count == v.n if kind == "all" else count > 0
+        if v.vals is None:
+            raise Uncertain("array without values")
+        vals, full = v.vals, v.full
+    elif isinstance(v, Elem):
+        vals, full = v.vals, v.full
+    else:
+        raise Uncertain(f".{kind}() of a non-array")
+    r = bool(np.all(vals)) if kind == "all" else bool(np.any(vals))
+    if full or (kind == "all" and not r) or (kind == "any" and r):
+        return r
+    raise Uncertain(f".{kind}() decided only on a sample")
+
+
+def _isfinite(v):
+    if isinstance(v, Arr):
+        if v.kind != "f":
+            return Elem(np.ones(max(1, v.n) if v.full else 1, dtype=bool), True, v.n)
+        if not v.full:
+            finite = (v.st[4] == 0 and math.isfinite(v.st[2]) and math.isfinite(v.st[3]))
+            return Elem(np.array([finite]), True, 1) if finite else Elem(np.array([False]), True, 1)
+        return Elem(np.isfinite(v.vals), True, v.n)
+    x = py(v)
+    return math.isfinite(x)
+
+
+def call(name: str, args: list, kws: dict):
+    if name == "isinstance":
+        x, T = args
+        types = T.items if isinstance(T, Seq) else [T]
+        if not all(isinstance(t, TypeVal) for t in types):
+            raise Uncertain("isinstance with a non-type")
+        if any(t.abc for t in types):
+            raise Uncertain("isinstance with an abstract base class")
+        m = mro_of(x)
+        return any(t.q in m for t in types)
+    if name == "torch.equal":
+        return _equal(*args)
+    if name in ("np.array_equal", "numpy.array_equal"):
+        a, b = args
+        if isinstance(a, Arr) and isinstance(b, Arr):
+            return _equal(a, b)
+        return bool(np.array_equal(_arr_values(a)[0], _arr_values(b)[0]))
+    if name in ("torch.allclose",):
+        a, b = args[:2]
+        rtol = _kw(kws, "rtol", args[2] if len(args) > 2 else 1e-5)
+        atol = _kw(kws, "atol", args[3] if len(args) > 3 else 1e-8)
+        equal_nan = bool(py(kws.get("equal_nan", args[4] if len(args) > 4 else False)))
+        if not (isinstance(a, Arr) and isinstance(b, Arr)):
+            raise Uncertain("allclose on non-tensors")
+        return _close(a, b, rtol, atol, equal_nan)
+    if name in ("np.allclose", "numpy.allclose"):
+        a, b = args[:2]
+        rtol = _kw(kws, "rtol", args[2] if len(args) > 2 else 1e-5)
+        atol = _kw(kws, "atol", args[3] if len(args) > 3 else 1e-8)
+        equal_nan = bool(py(kws.get("equal_nan", args[4] if len(args) > 4 else False)))
+        return _close(a, b, rtol, atol, equal_nan)
+    if name in ("torch.isclose", "np.isclose"):
+        a, b = args[:2]
+        rtol = _kw(kws, "rtol", args[2] if len(args) > 2 else 1e-5)
+        atol = _kw(kws, "atol", args[3] if len(args) > 3 else 1e-8)
+        av, af = _arr_values(a)
+        bv, bf = _arr_values(b)
+        if not (af and bf) and not (isinstance(a, Arr) and isinstance(b, Arr) and a.shape == b.shape):
+            raise Uncertain("isclose of sampled arrays")
+        with np.errstate(all="ignore"):
+            r = np.isclose(av, bv, rtol=rtol, atol=atol)
+        return Elem(np.asarray(r, dtype=bool), af and bf, max(getattr(a, "n", 1), getattr(b, "n", 1)))
+    if name == "math.isclose":
+        a, b = (float(py(x)) for x in args[:2])
+        return math.isclose(a, b, rel_tol=_kw(kws, "rel_tol", 1e-9), abs_tol=_kw(kws, "abs_tol", 0.0))
+    if name == "math.isfinite":
+        return math.isfinite(float(py(args[0])))
+    if name == "torch.isfinite":
+        return _isfinite(args[0])
+    if name in ("torch.all", "torch.any"):
+        if len(args) != 1 or kws:
+            raise Uncertain(f"{name} with a dim")
+        return _reduce(name.split(".")[1], args[0])
+    if name == "bool":
+        if not args:
+            return False
+        return truth(args[0])
+    raise Uncertain(f"unknown call {name}")
+
+
+class Evaluator:
+    """Redo one assert on values: ``values[path]`` is the decoded value of a leaf (missing: not evaluated)."""
+
+    def __init__(self, values: dict):
+        self.values = values
+        self.uncertain: list[str] = []
+
+    def run(self, tree: dict):
+        k = tree["k"]
+        if k == "v":
+            if tree["p"] not in self.values:
+                raise Uncertain(f"leaf {tree['p']} was not reported")
+            return self.values[tree["p"]]
+        if k == "not":
+            return not truth(self.run(tree["x"]))
+        if k in ("and", "or"):
+            val = None
+            for sub in tree["x"]:
+                val = self.run(sub)
+                t = truth(val)
+                if (k == "and" and not t) or (k == "or" and t):
+                    return val
+            return val
+        if k == "cmp":
+            left = self.run(tree["x"][0])
+            res = True
+            ops = tree["ops"]
+            for i, (op, leaf) in enumerate(zip(ops, tree["x"][1:])):
+                right = self.run(leaf)
+                res = compare(op, left, right)
+                if i < len(ops) - 1 and not truth(res):
+                    return res
+                left = right
+            return res
+        if k == "call":
+            args = [self.run(a) for a in tree["x"]]
+            kws = {name: self.run(a) for name, a in tree.get("kw", [])}
+            return call(tree["f"], args, kws)
+        if k == "meth":
+            return _reduce(tree["m"], self.run(tree["r"]))
+        raise Uncertain(f"unknown node {k}")
+
+
+# --------------------------------------------------------------- matching
+
+
+def _strip(s):
+    if isinstance(s, dict):
+        return {k: _strip(v) for k, v in s.items() if k not in ("id", "mro", "main", "rg")}
+    if isinstance(s, list):
+        return [_strip(v) for v in s]
+    return s
+
+
+def same_value(a: dict, b: dict) -> bool:
+    """Two leaf summaries hold the same value (floats within a tight tolerance)."""
+    if a.get("t") != b.get("t"):
+        if {a.get("t"), b.get("t")} <= {"i", "f"}:
+            return math.isclose(float(a["v"]), float(b["v"]), rel_tol=FLOAT_RTOL, abs_tol=FLOAT_ATOL)
+        return False
+    t = a["t"]
+    if t == "f":
+        x, y = a["v"], b["v"]
+        if isinstance(x, str) or isinstance(y, str):
+            return x == y
+        return math.isclose(x, y, rel_tol=FLOAT_RTOL, abs_tol=FLOAT_ATOL)
+    if t == "a":
+        if a["dt"] != b["dt"] or a["sh"] != b["sh"]:
+            return False
+        if a["h"] == b["h"]:
+            return True
+        try:
+            da, db = decode(a), decode(b)
+            if da.kind == "f" and da.vals is not None:
+                if not np.allclose(da.vals, db.vals, rtol=FLOAT_RTOL, atol=FLOAT_ATOL, equal_nan=True):
+                    return False
+                return all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-7) for x, y in zip(da.st, db.st))
+        except Exception:
+            return False
+        return False
+    if t in ("q", "set", "d"):
+        va, vb = a.get("v", []), b.get("v", [])
+        if a.get("n") != b.get("n") or len(va) != len(vb) or a.get("k") != b.get("k"):
+            return False
+        if t == "d":
+            return all(same_value(x[0], y[0]) and same_value(x[1], y[1]) for x, y in zip(va, vb))
+        return all(same_value(x, y) for x, y in zip(va, vb))
+    if t == "o":
+        return a.get("ty") == b.get("ty")  # objects: only their type can be compared across processes
+    return json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
+
+
+@dataclass
+class AssertVerdict:
+    aid: int
+    ok: bool
+    why: str = ""
+    recomputed: bool = False
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CellVerdict:
+    gid: str
+    ok: bool
+    why: str = ""
+    checks: int = 0
+    recomputed: int = 0
+    flags: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"gid": self.gid, "ok": self.ok, "why": self.why, "checks": self.checks,
+                "recomputed": self.recomputed, "flags": self.flags}
+
+
+def records_by_kind(records: list[dict], nonce: str) -> tuple[list[dict], bool, bool, list[dict]]:
+    """(assert records, begin seen, done seen, records with a wrong nonce)."""
+    asserts, begin, done, alien = [], False, False, []
+    for r in records:
+        if r.get("n") != nonce:
+            alien.append(r)
+            continue
+        if r.get("k") == "begin":
+            begin = True
+        elif r.get("k") == "done":
+            done = True
+        elif r.get("k") == "a":
+            asserts.append(r)
+    return asserts, begin, done, alien
+
+
+def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
+               nonce: str, ref_nonces: tuple[str, str | None], hidden: dict | None = None) -> CellVerdict:
+    """Verdict on one test cell. ``plans`` maps (gid, aid) -> assert plan dict (all cells of the notebook).
+
+    ``hidden`` maps a grade_id to the line numbers of its hidden-test region: the reason given for a
+    failure (which the student sees in the feedback) never quotes a hidden line.
+    """
+    hidden = hidden or {}
+
+    def where(rec) -> str:
+        plan = plans.get((rec["g"], rec["i"])) or {}
+        line = plan.get("lineno")
+        if line is None or line in hidden.get(rec["g"], ()):
+            return "a hidden check"
+        return f"the check on line {line}" + ("" if rec["g"] == gid else f" of {rec['g']}")
+
+    s_asserts, s_begin, s_done, alien = records_by_kind(student, nonce)
+    a_asserts, a_begin, a_done, _ = records_by_kind(ref_a, ref_nonces[0])
+    b_asserts, _, b_done, _ = records_by_kind(ref_b or [], ref_nonces[1] or "") if ref_b is not None else ([], 0, 0, [])
+    v = CellVerdict(gid, False)
+    if alien:
+        v.flags.append({"kind": "forged_evidence", "detail": f"{len(alien)} evidence record(s) that the grader "
+                                                             "did not ask for"})
+    if not (a_begin and a_done):
+        # the reference itself did not complete this cell: nothing to compare against
+        v.ok = s_done
+        v.why = "reference run did not complete this cell; graded by completion only"
+        return v
+    if not s_begin:
+        v.why = "the test cell did not run"
+        return v
+    if not s_done:
+        v.why = "the test cell stopped before its end"
+        return v
+    ref_seq = [(r["g"], r["i"]) for r in a_asserts]
+    stu_seq = [(r["g"], r["i"]) for r in s_asserts]
+    b_seq = [(r["g"], r["i"]) for r in b_asserts]
+    seq_stable = ref_b is not None and b_done and b_seq == ref_seq
+    v.checks = len(s_asserts)
+    if seq_stable and stu_seq != ref_seq:
+        v.why = (f"the test cell ran {len(stu_seq)} check(s) where the reference ran {len(ref_seq)}"
+                 if len(stu_seq) != len(ref_seq) else "the test cell's checks ran in another order")
+        return v
+    for k, rec in enumerate(s_asserts):
+        plan = plans.get((rec["g"], rec["i"]))
+        if plan is None:
+            v.why = "evidence for a check that is not in the test"
+            v.flags.append({"kind": "forged_evidence", "detail": f"evidence for an unknown check {rec.get('i')}"})
+            return v
+        if rec.get("ok") is not True:
+            v.why = f"{where(rec)} failed"
+            return v
+        if not plan.get("instrumented", True):
+            continue
+        ref = a_asserts[k] if seq_stable or (k < len(a_asserts) and ref_seq[k] == stu_seq[k]) else None
+        refb = b_asserts[k] if seq_stable else None
+        values = {}
+        try:
+            for path, leaf in plan["leaves"].items():
+                sv = rec["v"].get(path)
+                if sv is None:
+                    continue
+                if not leaf["taint"] and ref is not None and refb is not None:
+                    ra, rb = ref["v"].get(path), refb["v"].get(path)
+                    if ra is not None and rb is not None and same_value(ra, rb):
+                        if not same_value(sv, ra):
+                            shown = "" if where(rec) == "a hidden check" else f" `{_clip(leaf['src'])}`"
+                            v.why = f"{where(rec)}: a value the test computes itself{shown} differs from the " \
+                                    "reference run"
+                            v.flags.append({"kind": "test_values_differ",
+                                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): "
+                                                      f"`{_clip(leaf['src'])}` differs from the reference run "
+                                                      "(patched library function, redefined name, or inputs "
+                                                      "changed by the answer)"})
+                            return v
+                        sv = dict(ra, id=sv.get("id")) if "id" in sv else ra
+                values[path] = decode(sv)
+        except Uncertain:
+            values = None
+        if values is None:
+            continue
+        ev = Evaluator(values)
+        try:
+            res = truth(ev.run(plan["tree"]))
+        except Untrusted as exc:
+            v.why = f"{where(rec)} cannot be trusted: {exc}"
+            v.flags.append({"kind": "comparison_forged",
+                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): {exc} (its __eq__ and "
+                                      "friends are the student's)"})
+            return v
+        except Uncertain:
+            continue
+        except Exception:
+            continue
+        v.recomputed += 1
+        if not res:
+            v.why = f"{where(rec)} does not hold when the grader recomputes it"
+            v.flags.append({"kind": "comparison_forged",
+                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): the kernel reported "
+                                      "success but the values it reported fail the check (patched comparison or "
+                                      "hidden failure)"})
+            return v
+    v.ok = True
+    return v
+
+
+def _clip(s: str, n: int = 60) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."

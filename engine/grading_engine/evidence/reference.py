@@ -1,0 +1,282 @@
+"""The reference: the source notebook, as graded, and what its tests observe.
+
+:func:`reference_notebook` is the instructor's notebook with every locked
+cell exactly as the gradebook stores it (so the reference tests are the tests
+students are graded with, even if ``source/`` was edited since
+``generate_assignment``).
+
+:func:`reference_runs` executes it twice in the grading kernel, in a private
+copy of the assignment folder: run A as is, run B with every random
+generator moved before each cell and after every call into the answer
+cells' code (an honest answer may draw random numbers in another order). Both runs' evidence and audit events are
+cached by a hash of everything they depend on (the notebook, the assignment's
+other files, this package's instrumentation, the library versions), in
+``$COURSE_INTEGRITY_CACHE`` (default ``~/.cache/course-integrity``), so each
+notebook is run once per change, not once per student.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+from nbformat import NotebookNode
+
+from grading_engine.protocol import EVIDENCE_MIME
+from grading_engine.evidence.instrument import (
+    EV,
+    instrument_cell,
+    notebook_modules,
+    notebook_taint,
+    plan_cell,
+    student_names,
+)
+
+CACHE_VERSION = "2"
+
+
+def nbg(cell) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {}) or {}
+
+
+def role(cell) -> str:
+    m = nbg(cell)
+    if cell.get("cell_type") != "code":
+        return "markdown"
+    if m.get("grade") and not m.get("solution"):
+        return "test"
+    if m.get("solution") and not m.get("grade"):
+        return "answer"
+    return "other"
+
+
+@dataclass
+class GradebookNotebook:
+    """What the gradebook knows about one notebook."""
+
+    source: dict  # grade_id -> {"cell_type", "locked", "source", "checksum"}
+    grade: dict  # grade_id -> max points (grade cells)
+    solution: set
+    task: dict  # grade_id -> max points
+
+    def canonical_metadata(self, gid: str) -> dict:
+        src = self.source[gid]
+        meta = {"grade": gid in self.grade, "grade_id": gid, "locked": bool(src["locked"]),
+                "schema_version": 3, "solution": gid in self.solution, "task": gid in self.task}
+        if gid in self.grade:
+            meta["points"] = self.grade[gid]
+        elif gid in self.task:
+            meta["points"] = self.task[gid]
+        return meta
+
+
+def gradebook_notebook(db_url: str, assignment: str, notebook: str) -> GradebookNotebook:
+    from nbgrader.api import Gradebook
+
+    with Gradebook(db_url) as gb:
+        nb = gb.find_notebook(notebook, assignment)
+        source = {c.name: {"cell_type": c.cell_type, "locked": bool(c.locked), "source": c.source,
+                           "checksum": c.checksum} for c in nb.source_cells}
+        grade = {c.name: float(c.max_score) for c in nb.grade_cells}
+        solution = {c.name for c in nb.solution_cells}
+        task = {c.name: float(c.max_score) for c in nb.task_cells}
+    return GradebookNotebook(source, grade, solution, task)
+
+
+def reference_notebook(source_path: Path, gbnb: GradebookNotebook | None) -> NotebookNode:
+    nb = nbformat.read(str(source_path), as_version=4)
+    if gbnb is not None:
+        for cell in nb.cells:
+            gid = nbg(cell).get("grade_id")
+            src = gbnb.source.get(gid) if gid else None
+            if src is not None and src["locked"]:
+                cell.source = src["source"]
+    return nb
+
+
+def taint_of(ref: NotebookNode) -> set[str]:
+    return notebook_taint([(role(c), c.source) for c in ref.cells if c.cell_type == "code"])
+
+
+def modules_of(ref: NotebookNode) -> set[str]:
+    return notebook_modules([c.source for c in ref.cells if c.cell_type == "code"])
+
+
+def plans_of(ref: NotebookNode) -> dict:
+    """grade_id -> CellPlan of every test cell of the reference notebook."""
+    tainted, modules = taint_of(ref), modules_of(ref)
+    out = {}
+    for c in ref.cells:
+        if role(c) == "test":
+            gid = nbg(c).get("grade_id")
+            out[gid] = plan_cell(gid, c.source, tainted, modules)[0]
+    return out
+
+
+def assert_plans(plans: dict) -> dict:
+    """(grade_id, assert id) -> assert plan as JSON, over every test cell."""
+    return {(gid, a.aid): {"tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented, "lineno": a.lineno}
+            for gid, p in plans.items() for a in p.asserts}
+
+
+def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool = False,
+                 probe: bool = False, modules: set[str] = frozenset()) -> tuple[NotebookNode, dict]:
+    """A copy of ``nb`` with its test cells instrumented; returns it and {cell index: original source}."""
+    out = copy.deepcopy(nb)
+    originals = {}
+    cells = []
+    for i, c in enumerate(out.cells):
+        if perturb and c.cell_type == "code":
+            cells.append(nbformat.v4.new_code_cell(
+                f"import grading_engine.kernel.probe as {EV}\n{EV}.perturb({1000 + 7919 * i})",
+                metadata={"course_integrity": "perturb"}))
+        if role(c) == "test":
+            gid = nbg(c).get("grade_id")
+            originals[len(cells)] = c.source
+            c.source, _ = instrument_cell(gid, c.source, tainted, nonce, modules)
+        cells.append(c)
+        if perturb and role(c) == "answer":
+            names = sorted(student_names([c.source]))
+            if names:
+                cells.append(nbformat.v4.new_code_cell(
+                    f"import grading_engine.kernel.probe as {EV}\n{EV}.wrap_student(globals(), {names!r}, {5000 + 7919 * i})",
+                    metadata={"course_integrity": "perturb"}))
+    if probe:
+        cells.append(nbformat.v4.new_code_cell(f"import grading_engine.kernel.probe as {EV}\n{EV}.final({nonce!r})",
+                                               metadata={"course_integrity": "probe"}))
+    out.cells = cells
+    return out, originals
+
+
+def evidence_of(cell) -> list[dict]:
+    recs = []
+    for o in cell.get("outputs", []):
+        data = o.get("data") or {}
+        if o.get("output_type") in ("display_data", "update_display_data", "execute_result") and EVIDENCE_MIME in data:
+            payload = data[EVIDENCE_MIME]
+            if isinstance(payload, str):
+                try:
+                    payload = json.loads(payload)
+                except ValueError:
+                    continue
+            if isinstance(payload, dict):
+                recs.append(payload)
+    return recs
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("COURSE_INTEGRITY_CACHE")
+    if d:
+        return Path(d)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "course-integrity"
+
+
+def _versions() -> str:
+    parts = [sys.version]
+    for mod in ("torch", "numpy", "transformers", "ipykernel", "IPython"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                from importlib.metadata import version
+
+                parts.append(f"{mod}={version(mod)}")
+            except Exception:
+                parts.append(f"{mod}=?")
+        else:
+            parts.append(f"{mod}={getattr(m, '__version__', '?')}")
+    return "|".join(parts)
+
+
+def cache_key(ref: NotebookNode, assignment_dir: Path) -> str:
+    h = hashlib.sha256()
+    h.update(CACHE_VERSION.encode())
+    h.update(_versions().encode())
+    for mod in ("instrument", "probe", "audit"):
+        h.update((Path(__file__).parent / f"{mod}.py").read_bytes())
+    h.update(json.dumps([[c.cell_type, c.source, nbg(c)] for c in ref.cells], sort_keys=True).encode())
+    from grading_engine.sandbox import requested
+
+    h.update(b"sandbox" if requested() else b"nosandbox")
+    if assignment_dir.exists():
+        for p in sorted(assignment_dir.rglob("*")):
+            if p.is_file() and p.suffix != ".ipynb" and ".ipynb_checkpoints" not in p.parts \
+                    and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(assignment_dir)).encode())
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:32]
+
+
+def _run(nb: NotebookNode, folder: Path, config, log) -> tuple[NotebookNode, dict]:
+    from grading_engine.preprocessors.execute import SandboxedExecute
+
+    ep = SandboxedExecute(config=config, log=log) if log is not None else SandboxedExecute(config=config)
+    res = {"metadata": {"path": str(folder)}}
+    return ep.preprocess(nb, res)
+
+
+def _records(nb: NotebookNode) -> dict:
+    out: dict[str, list] = {}
+    for c in nb.cells:
+        gid = nbg(c).get("grade_id")
+        if role(c) == "test" and gid:
+            out[gid] = evidence_of(c)
+    return out
+
+
+def reference_runs(ref: NotebookNode, assignment_dir: Path, config=None, log=None) -> dict:
+    """Evidence of runs A and B of the reference notebook (cached)."""
+    key = cache_key(ref, assignment_dir)
+    cdir = cache_dir()
+    cdir.mkdir(parents=True, exist_ok=True)
+    path = cdir / f"{key}.json"
+    lock = open(cdir / f"{key}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass
+        if log is not None:
+            log.info("integrity: running the reference notebook (twice) to record its evidence")
+        tainted = taint_of(ref)
+        out: dict = {"key": key, "nonces": [], "runs": [], "audit": [], "stopped": []}
+        for perturb in (False, True):
+            nonce = secrets.token_hex(8)
+            nb, _ = instrumented(ref, tainted, nonce, perturb=perturb, modules=modules_of(ref))
+            with tempfile.TemporaryDirectory(prefix="course-reference-") as tmp:
+                folder = Path(tmp) / (assignment_dir.name or "assignment")
+                if assignment_dir.exists():
+                    shutil.copytree(assignment_dir, folder,
+                                    ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+                else:
+                    folder.mkdir()
+                done, res = _run(nb, folder, config, log)
+            ex = res.get("course_integrity", {}).get("execution", {})
+            out["nonces"].append(nonce)
+            out["runs"].append(_records(done))
+            out["audit"].append(ex.get("audit", []))
+            out["stopped"].append(ex.get("stopped"))
+            if log is not None:
+                errors = [nbg(c).get("grade_id") or i for i, c in enumerate(done.cells)
+                          if role(c) == "test" and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+                if errors:
+                    log.warning("integrity: reference run %s: test cells failed: %s", "B" if perturb else "A", errors)
+        tmp_path = path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(out))
+        os.replace(tmp_path, path)
+        return out
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()

@@ -1,0 +1,359 @@
+"""Launcher of the ``course-sandbox`` kernel.
+
+jupyter_client starts this module (outside the sandbox) exactly as it would
+start ``ipykernel_launcher``: ``python -I -m grading_engine.sandbox.kernel -f
+CONNECTION_FILE [ipykernel arguments]``, with the notebook's folder as working
+directory. It then
+
+1. copies the working directory into a private folder (symlinks are copied as
+   links, never followed; special files are skipped; the copy is capped);
+2. makes a private socket folder, writes the kernel's connection file there
+   with ``ip`` pointing inside the sandbox, and symlinks the socket paths the
+   client expects (``<ip>-<port>`` next to the client's connection file) to
+   it, so the client reaches exactly this kernel's sockets and the kernel sees
+   no other kernel's connection file;
+3. runs :mod:`grading_engine.kernel.inner` (ipykernel behind an audit hook) in
+   bubblewrap with the limits of :mod:`grading_engine.sandbox.bwrap`;
+4. forwards interrupts (SIGINT) to the kernel process, kills the sandbox on
+   SIGTERM or after the wall-clock limit, copies the audit events the kernel
+   writes to an inherited pipe into ``<connection file>.audit.jsonl`` (read by
+   the grader), and removes everything it made.
+
+With ``COURSE_SANDBOX=off`` it runs the same inner kernel without bubblewrap,
+after a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from grading_engine.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT, requested
+from grading_engine.sandbox.bwrap import (
+    SANDBOX_HOME,
+    Cgroups,
+    SANDBOX_RUN,
+    UID_BASE,
+    Limits,
+    build_command,
+    is_root,
+    rlimits,
+    sandbox_env,
+    write_etc,
+)
+
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+AUDIT_MAX_BYTES = 4 * 1024 * 1024
+
+
+def audit_path_for(connection_file: str | os.PathLike) -> Path:
+    """Where the launcher of a kernel writes its audit events."""
+    p = Path(connection_file)
+    return p.with_name(p.stem + ".audit.jsonl")
+
+
+def host_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "course-sandbox"
+
+
+def matplotlib_cache() -> Path | None:
+    """A matplotlib font cache built outside the sandbox (built once, then copied into each kernel)."""
+    d = host_cache_dir() / "matplotlib"
+    if any(d.glob("fontlist-*.json")):
+        return d
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="mpl-", dir=host_cache_dir() if host_cache_dir().exists() else None))
+        env = dict(os.environ, MPLCONFIGDIR=str(tmp))
+        subprocess.run([sys.executable, "-I", "-c", "import matplotlib.font_manager"], env=env,
+                       capture_output=True, timeout=300, cwd="/")
+        if any(tmp.glob("fontlist-*.json")):
+            d.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.rename(d)
+            except OSError:  # another launcher won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+            return d if d.exists() else None
+        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:
+        return None
+    return None
+
+
+def copy_workdir(src: Path, dst: Path, max_bytes: int) -> list[str]:
+    """Copy the notebook's folder; return notes about what was not copied."""
+    notes: list[str] = []
+    total = 0
+    dst.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files in os.walk(src, followlinks=False):
+        rel = Path(root).relative_to(src)
+        dirs[:] = [d for d in dirs if d not in {".ipynb_checkpoints", "__pycache__"}]
+        for d in list(dirs):
+            sp = Path(root) / d
+            if sp.is_symlink():
+                dirs.remove(d)
+                (dst / rel / d).symlink_to(os.readlink(sp))
+            else:
+                (dst / rel / d).mkdir(exist_ok=True)
+        for f in files:
+            sp = Path(root) / f
+            dp = dst / rel / f
+            try:
+                st = sp.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    dp.symlink_to(os.readlink(sp))  # copied as a link: it resolves inside the sandbox only
+                elif stat.S_ISREG(st.st_mode):
+                    if total + st.st_size > max_bytes:
+                        notes.append(f"not copied (size limit): {rel / f}")
+                        continue
+                    shutil.copyfile(sp, dp)
+                    total += st.st_size
+                else:
+                    notes.append(f"not copied (special file): {rel / f}")
+            except OSError as exc:
+                notes.append(f"not copied ({exc.strerror}): {rel / f}")
+    return notes
+
+
+def chown_tree(path: Path, uid: int) -> None:
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
+class AuditSink(threading.Thread):
+    """Copies audit lines from the kernel's pipe to the audit file, as they come."""
+
+    def __init__(self, fd: int, path: Path):
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.path = path
+        self.dropped = 0
+        self.fh = path.open("ab", buffering=0)
+        self.lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        with self.lock:
+            self.fh.write((json.dumps(record) + "\n").encode())
+
+    def run(self) -> None:
+        written = 0
+        buf = b""
+        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
+            while True:
+                try:
+                    chunk = pipe.read(65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if written + len(line) > AUDIT_MAX_BYTES:
+                        self.dropped += 1
+                        continue
+                    written += len(line) + 1
+                    with self.lock:
+                        self.fh.write(line + b"\n")
+
+    def close(self) -> None:
+        if self.dropped:
+            self.write({"e": "sandbox.audit_truncated", "a": [self.dropped]})
+        self.fh.close()
+
+
+def kernel_pid(init_pid: int | None) -> int | None:
+    """The kernel process: the child of bubblewrap's init in the sandbox."""
+    if not init_pid:
+        return None
+    try:
+        kids = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
+        return int(kids[0]) if kids else None
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="grading_engine.sandbox.kernel")
+    ap.add_argument("-f", dest="connection_file", required=True)
+    ap.add_argument("--package", dest="packages", action="append", default=[],
+                    help="a package the notebooks import, mounted read-only (repeatable; from the kernelspec)")
+    args, extra = ap.parse_known_args(argv)
+    conn_path = Path(args.connection_file).resolve()
+    info = json.loads(conn_path.read_text())
+    limits = Limits.from_env()
+    audit_file = audit_path_for(conn_path)
+    audit_r, audit_w = os.pipe()
+    sink = AuditSink(audit_r, audit_file)
+    sink.start()
+    inner = [sys.executable, "-P", "-m", "grading_engine.kernel.inner"]
+    started = time.monotonic()
+    state = {"proc": None, "init_pid": None, "reason": "exit", "kill": None, "interrupt": None}
+
+    def on_interrupt(signum, frame) -> None:
+        if state["interrupt"] is not None:
+            state["interrupt"]()
+
+    def on_terminate(signum, frame) -> None:
+        state["reason"] = f"signal {signum}"
+        if state["kill"] is not None:
+            state["kill"]()
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    signal.signal(signal.SIGTERM, on_terminate)
+    signal.signal(signal.SIGHUP, on_terminate)
+
+    if not requested():
+        print(f"[course-sandbox] WARNING: {OPT_OUT_WARNING}", file=sys.stderr, flush=True)
+        sink.write({"e": SANDBOX_OPT_OUT_EVENT, "a": []})
+        env = dict(os.environ, COURSE_AUDIT_FD=str(audit_w))
+        pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
+        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(inner + ["-f", str(conn_path), *extra], env=env, pass_fds=(audit_w,))
+        os.close(audit_w)
+        state["proc"] = proc
+        state["interrupt"] = lambda: proc.send_signal(signal.SIGINT)
+        state["kill"] = proc.kill
+        rc = _wait(proc, limits, started, state, proc.kill)
+        sink.join(timeout=5)
+        sink.close()
+        return rc
+
+    if info.get("transport") != "ipc":
+        print("[course-sandbox] the sandboxed kernel has no network, so it needs transport 'ipc' "
+              "(the course's SandboxedExecute sets it); got " + repr(info.get("transport")),
+              file=sys.stderr, flush=True)
+        return 2
+
+    from grading_engine.sandbox.bwrap import sweep_stale
+
+    sweep_stale(Path(tempfile.gettempdir()), "course-sandbox-")
+    work = Path(tempfile.mkdtemp(prefix=f"course-sandbox-{os.getpid()}-"))
+    links: list[Path] = []
+    try:
+        home, run, etc = work / "home", work / "run", work / "etc"
+        for d in (home, run, etc):
+            d.mkdir()
+        uid = UID_BASE + os.getpid() if is_root() else None
+        write_etc(etc, uid if uid is not None else os.getuid())
+        cwd = Path.cwd()
+        name = cwd.name or "work"
+        notes = copy_workdir(cwd, home / name, limits.copy_mb * 1024 * 1024)
+        for note in notes:
+            sink.write({"e": "sandbox.copy", "a": [note]})
+        mpl = matplotlib_cache()
+        if mpl is not None:
+            shutil.copytree(mpl, home / ".config" / "matplotlib", dirs_exist_ok=True)
+        inner_conn = dict(info, ip=f"{SANDBOX_RUN}/k")
+        (run / "connection.json").write_text(json.dumps(inner_conn))
+        os.chmod(run / "connection.json", 0o600)
+        if uid is not None:
+            chown_tree(home, uid)
+            chown_tree(run, uid)
+        host_ip = info["ip"]
+        for key in PORT_KEYS:
+            port = info[key]
+            link = Path(f"{host_ip}-{port}")
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(run / f"k-{port}")
+            links.append(link)
+
+        info_r, info_w = os.pipe()
+        env = sandbox_env(limits, {"COURSE_AUDIT_FD": str(audit_w)}, args.packages)
+        cmd = build_command(inner + ["-f", f"{SANDBOX_RUN}/connection.json", *extra], workdir_name=name,
+                            home_dir=home, run_dir=run, etc_dir=etc, env=env, uid=uid, limits=limits, packages=args.packages,
+                            info_fd=info_w)
+        limit_values = rlimits(limits, uid)
+        cgroups = Cgroups(f"course-sandbox-{os.getpid()}", limits.total_mb, limits.nproc + 64)
+        state["cgroups"] = cgroups
+        sink.write({"e": "sandbox.cgroup", "a": ["on" if cgroups.active else "off"]})
+
+        def preexec() -> None:
+            import resource
+
+            cgroups.join()
+            os.umask(0o022)
+            for res, val in limit_values.items():
+                try:
+                    resource.setrlimit(res, val)
+                except (ValueError, OSError):
+                    pass
+
+        proc = subprocess.Popen(cmd, pass_fds=(audit_w, info_w), start_new_session=True, preexec_fn=preexec,
+                                stdin=subprocess.DEVNULL)
+        os.close(audit_w)
+        os.close(info_w)
+        state["proc"] = proc
+
+        def read_info() -> None:
+            with os.fdopen(info_r, "rb") as fh:
+                data = fh.read()
+            try:
+                state["init_pid"] = json.loads(data.decode() or "{}").get("child-pid")
+            except ValueError:
+                pass
+
+        threading.Thread(target=read_info, daemon=True).start()
+
+        def kill_sandbox() -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+        def interrupt() -> None:
+            pid = kernel_pid(state["init_pid"])
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except OSError:
+                    pass
+
+        state["interrupt"] = interrupt
+        state["kill"] = kill_sandbox
+        rc = _wait(proc, limits, started, state, kill_sandbox)
+        sink.join(timeout=5)
+        if cgroups.oom_kills():
+            sink.write({"e": "sandbox.oom", "a": [cgroups.oom_kills(), limits.total_mb]})
+        sink.write({"e": "sandbox.exit", "a": [rc, state["reason"], round(time.monotonic() - started, 2)]})
+        sink.close()
+        return rc
+    finally:
+        if state.get("cgroups") is not None:
+            state["cgroups"].remove()
+        for link in links:
+            try:
+                link.unlink()
+            except OSError:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait(proc: subprocess.Popen, limits: Limits, started: float, state: dict, kill) -> int:
+    deadline = started + limits.wall_s
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                state["reason"] = f"wall-clock limit {limits.wall_s} s"
+                kill()
+        except KeyboardInterrupt:
+            continue
+
+
+if __name__ == "__main__":
+    sys.exit(main())
