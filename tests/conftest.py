@@ -1,4 +1,15 @@
-"""Shared fixtures: one real nbgrader run answers every grading question."""
+"""Shared fixtures: one real nbgrader run answers every grading question; markers per lesson and engine part.
+
+Markers (``pytest -m NAME``; README "Running part of the suite"):
+
+* one per notebook: ``lesson22`` (get and set input embeddings), ``lesson23`` (embedding initialisation),
+  ``emb_vs_linear``, ``ex01`` ... ``ex10``: its lint, release, reference, release and mutant grading;
+* one per engine part: ``sandbox``, ``evidence``, ``batch``, ``engine`` (config, layering, the plain
+  course), ``adversarial``, ``browser``; ``package`` for the course's support package; ``grading`` for
+  every test that runs real ``nbgrader autograde``.
+
+The session's grading fixture grades only the notebooks the selected tests ask about.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +21,87 @@ from pathlib import Path
 import pytest
 
 from course_tools.grading.check import CourseReport, all_assignments, grade
+from course_tools.paths import source_notebooks
 
 _REPORT: list[CourseReport] = []
+
+LESSON_MARKERS = {
+    "get_set_input_embeddings": "lesson22",
+    "embedding_init_weights": "lesson23",
+    "embedding_vs_linear": "emb_vs_linear",
+}
+
+PART_MARKERS = {  # test file (or folder) -> engine part
+    "test_sandbox.py": "sandbox",
+    "test_integrity.py": "evidence",
+    "test_batch.py": "batch",
+    "test_postgres.py": "batch",
+    "test_scheduler.py": "batch",
+    "test_config.py": "engine",
+    "test_code_quality.py": "engine",
+    "test_plain_course.py": "engine",
+    "adversarial": "adversarial",
+    "browser": "browser",
+    "test_thinker.py": "package",
+    "test_tokenizer.py": "package",
+    "test_training.py": "package",
+    "test_toy_models.py": "package",
+    "test_assets.py": "package",
+}
+
+
+def notebook_marker(notebook: str) -> str:
+    """``ex05`` for ``ex05_generation``, the lesson's name for a lesson notebook."""
+    return LESSON_MARKERS.get(notebook) or notebook.split("_", 1)[0]
+
+
+def _notebooks_of(item) -> set[tuple[str, str]] | None:
+    """The (assignment, notebook) pairs a test is about: its own, all of its assignment's, or None (not one)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "mutant" in params:
+        m = params["mutant"]
+        return {(m.assignment, m.notebook)}
+    if "notebook" in params and "assignment" in params:
+        return {(params["assignment"], params["notebook"])}
+    if "assignment" in params:
+        return {(params["assignment"], p.stem) for p in source_notebooks(params["assignment"])}
+    return None
+
+
+def pytest_configure(config):
+    names = set(LESSON_MARKERS.values()) | {f"ex{k:02d}" for k in range(1, 11)}
+    for name in sorted(names):
+        config.addinivalue_line("markers", f"{name}: the tests of one notebook")
+    for name in sorted(set(PART_MARKERS.values())):
+        config.addinivalue_line("markers", f"{name}: one part of the grading engine or the course package")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for nb in sorted(_notebooks_of(item) or ()):
+            item.add_marker(notebook_marker(nb[1]))
+        parts = Path(str(item.fspath)).parts
+        for key, marker in PART_MARKERS.items():
+            if key in parts:
+                item.add_marker(marker)
+
+
+def pytest_collection_finish(session):
+    """Which notebooks the grading fixture must grade: those of the selected tests that use it."""
+    needed: set[tuple[str, str]] | None = set()
+    for item in session.items:
+        if "course_report" not in getattr(item, "fixturenames", ()):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "assignment" in params and "notebook" not in params:
+            continue  # a test of a whole assignment's generated release: generating it is enough
+        nbs = _notebooks_of(item)
+        if nbs is None:
+            needed = None  # a test about the whole course
+            break
+        needed |= nbs
+    session.config._course_notebooks = needed
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +116,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def course_report() -> CourseReport:
-    """Reference, release and every mutant of every notebook, graded by real nbgrader autograde."""
+def course_report(request) -> CourseReport:
+    """Reference, release and mutants of the selected notebooks, graded by real nbgrader autograde."""
+    needed = getattr(request.config, "_course_notebooks", None)
+    assignments = all_assignments() if not needed else sorted({a for a, _ in needed})
     workdir = Path(tempfile.mkdtemp(prefix="course-harness-"))
-    report = grade(all_assignments(), workdir, workers=int(os.environ.get("COURSE_WORKERS", "0")) or None,
-                   quiet=True)
+    report = grade(assignments, workdir, workers=int(os.environ.get("COURSE_WORKERS", "0")) or None,
+                   quiet=True, notebooks=needed or None)
     _REPORT.append(report)
     yield report
     if not os.environ.get("COURSE_KEEP_WORKSPACE"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import filecmp
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +95,8 @@ def is_quiz(cell: str) -> bool:
     return re.fullmatch(r"quiz_\d+", cell) is not None
 
 
-def build_submissions(assignments: list[str], ws: Workspace) -> tuple[list[Submission], dict[str, list[Mutant]]]:
+def build_submissions(assignments: list[str], ws: Workspace, notebooks: set[tuple[str, str]] | None = None
+                      ) -> tuple[list[Submission], dict[str, list[Mutant]]]:
     """Reference, release and mutant submissions; ``by_student`` names the mutants each synthetic student carries.
 
     A mutant of an ordinary answer cell is graded alone, in an otherwise
@@ -119,9 +119,14 @@ def build_submissions(assignments: list[str], ws: Workspace) -> tuple[list[Submi
             nb = apply_mutant(nb, m)
         subs.append(Submission(student, a, {stem: nb}, " + ".join(m.key for m in ms)))
 
+    def wanted(a: str, stem: str) -> bool:
+        return notebooks is None or (a, stem) in notebooks
+
     for a in assignments:
-        ref = {p.stem: read_notebook(p) for p in source_notebooks(a)}
-        blank = {p.stem: read_notebook(p) for p in sorted(ws.release_dir(a).glob("*.ipynb"))}
+        ref = {p.stem: read_notebook(p) for p in source_notebooks(a) if wanted(a, p.stem)}
+        blank = {p.stem: read_notebook(p) for p in sorted(ws.release_dir(a).glob("*.ipynb")) if wanted(a, p.stem)}
+        if not ref:
+            continue
         subs.append(Submission(SOLUTION, a, ref, "reference"))
         subs.append(Submission(RELEASE, a, blank, "release"))
         for stem, nb in ref.items():
@@ -137,14 +142,21 @@ def build_submissions(assignments: list[str], ws: Workspace) -> tuple[list[Submi
     return subs, by_student
 
 
-def grade(assignments: list[str], workdir: Path, workers: int | None = None, quiet: bool = False) -> CourseReport:
-    """Generate, then autograde reference, release and mutants of the assignments."""
+def grade(assignments: list[str], workdir: Path, workers: int | None = None, quiet: bool = False,
+          notebooks: set[tuple[str, str]] | None = None) -> CourseReport:
+    """Generate, then autograde reference, release and mutants of the assignments.
+
+    ``notebooks`` ((assignment, notebook stem) pairs) limits the grading to those notebooks; every
+    assignment is still generated whole.
+    """
     timer = Timer()
     ws = Workspace(workdir, assignments).create()
-    subs, by_student = build_submissions(assignments, ws)
+    subs, by_student = build_submissions(assignments, ws, notebooks)
     reports: dict[tuple[str, str], NotebookReport] = {}
     for a in assignments:
         for p in source_notebooks(a):
+            if notebooks is not None and (a, p.stem) not in notebooks:
+                continue
             nb = read_notebook(p)
             tids = [c.grade_id for c in test_cells(nb)]
             reports[(a, p.stem)] = NotebookReport(
@@ -188,7 +200,7 @@ def release_differences(generated: Path, committed: Path) -> list[str]:
                 if p.is_file() and p.suffix != ".pt" and "__pycache__" not in p.parts}
 
     g, c = files(generated), files(committed)
-    diffs = sorted((g ^ c))
+    diffs = sorted(g ^ c)
     for name in sorted(g & c):
         if not filecmp.cmp(generated / name, committed / name, shallow=False):
             diffs.append(name)

@@ -55,6 +55,8 @@ def clean_env() -> dict[str, str]:
     env = dict(os.environ)
     for key in ("COURSE_DB_URL", "COURSE_EXCHANGE", "JUPYTER_CONFIG_DIR"):
         env.pop(key, None)
+    # nbgrader runs `alembic` from PATH: the environment's own, even when its bin/ is not on PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONHASHSEED", "0")
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     return env
@@ -85,7 +87,7 @@ class Workspace:
         self.log = self.root / "nbgrader.log"
         self.errors: dict[str, str] = {}  # student -> why nbgrader could not grade it
 
-    def create(self) -> "Workspace":
+    def create(self) -> Workspace:
         """Copy the course and run ``nbgrader generate_assignment`` for each assignment."""
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / "nbgrader_config.py", self.root / "nbgrader_config.py")
