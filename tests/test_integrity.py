@@ -15,19 +15,19 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import nbformat
 import pytest
 import torch
-
-from grading_engine.kernel import probe
-from grading_engine.protocol import EVIDENCE_MIME
-from grading_engine.evidence.judge import judge_cell, same_value
-from grading_engine.preprocessors.feedback import SanitizeFeedback, strip_hidden
 from grading_engine.evidence.instrument import instrument_cell, notebook_taint, plan_cell
+from grading_engine.evidence import judge as judge_module
+from grading_engine.evidence.judge import judge_cell, same_value
 from grading_engine.evidence.reference import assert_plans, role
 from grading_engine.evidence.scan import scan_code
+from grading_engine.kernel import probe
+from grading_engine.preprocessors.feedback import SanitizeFeedback, strip_hidden
+from grading_engine.protocol import EVIDENCE_MIME
+
 from course_tools.paths import REPO_ROOT, SOURCE_DIR, source_notebooks
 
 TEST_CELL = textwrap.dedent('''\
@@ -123,6 +123,33 @@ def test_an_honest_different_implementation_passes(reference):
     assert err is None
     v = judge(student, ref, plan)
     assert v.ok, v.why
+
+
+def test_a_crash_in_the_recomputation_fails_closed(reference, monkeypatch):
+    """A bug in the grader's own recomputation scores the cell zero and says so; it never falls back to the
+    kernel's verdict (which the student's process wrote)."""
+    ref, plan = reference
+    student, err, _ = run_instrumented(correct_pick, nonce="n2")
+    assert err is None and judge(student, ref, plan).ok  # honest and correct: full marks when the grader works
+
+    def broken(self, tree):
+        raise KeyError("a node type this grader does not know")
+
+    monkeypatch.setattr(judge_module.Evaluator, "run", broken)
+    v = judge(student, ref, plan)
+    assert not v.ok and "could not judge" in v.why
+    assert [f["kind"] for f in v.flags] == ["grader_error"]
+    assert "KeyError" in v.flags[0]["detail"] and v.flags[0]["source"] == "evidence"
+
+
+def test_evidence_of_an_unknown_shape_fails_closed(reference):
+    """Evidence the grader cannot read (a summary of a type it does not know) is no evidence of success."""
+    ref, plan = reference
+    student, err, _ = run_instrumented(correct_pick, nonce="n2")
+    broken = [dict(r, v={path: {"t": "zz"} for path in r["v"]}) if r.get("k") == "a" else r for r in student]
+    v = judge(broken, ref, plan)
+    assert not v.ok
+    assert any(f["kind"] in ("grader_error", "test_values_differ") for f in v.flags), v
 
 
 def test_a_wrong_answer_fails(reference):

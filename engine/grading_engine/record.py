@@ -29,40 +29,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-KIND_TEXT = {
-    "changed_locked_cell": "a locked cell (setup or test) was changed",
-    "damaged_metadata": "nbgrader metadata was damaged (repaired before grading)",
-    "duplicate_cell": "a graded cell appears more than once",
-    "missing_cell": "a graded cell is missing",
-    "test_cell_without_metadata": "a test cell lost its nbgrader metadata",
-    "cell_type_changed": "a graded cell changed type (code/markdown)",
-    "reordered_cells": "graded cells are out of order",
-    "unknown_grade_id": "a cell claims a grade_id the assignment does not have",
-    "ipython_hook": "hook into IPython (input transformers, exception handlers, ...)",
-    "interpreter_hook": "hook into the interpreter (trace, excepthook, frames, ctypes, gc, ...)",
-    "trace_hook": "trace or profile function installed",
-    "patched_function": "library or builtin function replaced",
-    "import_hook": "import hook installed",
-    "signal_handler": "signal handler changed",
-    "thread": "background thread started",
-    "file_access": "files outside the notebook's folder",
-    "network": "network access",
-    "process": "processes, signals or exit",
-    "dynamic_code": "code built at run time (exec, eval, __import__, ...)",
-    "comparison_forged": "a check reported success that its own values contradict",
-    "test_values_differ": "the test's own values differ from the reference run",
-    "forged_evidence": "evidence the grader did not ask for",
-    "hidden_failure": "a test cell stopped without showing an error",
-    "probe_missing": "the end-of-notebook probe did not report",
-    "kernel_stopped": "the kernel died or stopped answering",
-    "output_flood": "too much output (truncated)",
-    "audit_channel": "the audit channel was closed by the notebook",
-    "no_sandbox": "graded WITHOUT the sandbox (COURSE_SANDBOX=off)",
-    "missing_notebook": "a notebook of the assignment was not submitted",
-    "unknown_notebook": "a notebook the assignment does not have (renamed?)",
-    "invalid_notebook": "a notebook that is not valid JSON / nbformat",
-    "extra_file": "a file the assignment does not have",
-}
+from grading_engine.protocol import FlagKind
+
+KIND_TEXT = {k.value: k.text for k in FlagKind}  # kind -> the report's sentence
 
 
 def integrity_dir(root: str | Path) -> Path:

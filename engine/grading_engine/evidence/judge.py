@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from grading_engine.protocol import Flag, FlagKind, FlagSource
+
 FLOAT_RTOL = 1e-6
 FLOAT_ATOL = 1e-9
 
@@ -610,14 +612,37 @@ def records_by_kind(records: list[dict], nonce: str) -> tuple[list[dict], bool, 
     return asserts, begin, done, alien
 
 
+def _flag(kind: FlagKind, detail: str) -> dict:
+    return Flag(kind, FlagSource.EVIDENCE, detail).to_json()
+
+
 def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
                nonce: str, ref_nonces: tuple[str, str | None], hidden: dict | None = None) -> CellVerdict:
     """Verdict on one test cell. ``plans`` maps (gid, aid) -> assert plan dict (all cells of the notebook).
 
     ``hidden`` maps a grade_id to the line numbers of its hidden-test region: the reason given for a
     failure (which the student sees in the feedback) never quotes a hidden line.
+
+    Fails closed: an unexpected exception while judging (a bug in the grader, evidence of a shape it does
+    not know) scores the cell zero and raises a ``grader_error`` flag naming the exception.
     """
-    hidden = hidden or {}
+    try:
+        return _judge_cell(gid, plans, student, ref_a, ref_b, nonce, ref_nonces, hidden or {})
+    except Exception as exc:  # noqa: BLE001  (fail closed: whatever went wrong, no points without a verdict)
+        return grader_error(gid, exc)
+
+
+def grader_error(gid: str, exc: BaseException, where: str = "") -> CellVerdict:
+    """The verdict when the grader could not judge a cell: zero, with a flag that names the exception."""
+    what = f"{type(exc).__name__}: {_clip(str(exc), 200)}"
+    v = CellVerdict(gid, False, why="the grader could not judge this test cell (scored zero); "
+                                    "your instructor has been told")
+    v.flags.append(_flag(FlagKind.GRADER_ERROR, f"{gid}{' ' + where if where else ''}: {what}"))
+    return v
+
+
+def _judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
+                nonce: str, ref_nonces: tuple[str, str | None], hidden: dict) -> CellVerdict:
 
     def where(rec) -> str:
         plan = plans.get((rec["g"], rec["i"])) or {}
@@ -631,8 +656,8 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
     b_asserts, _, b_done, _ = records_by_kind(ref_b or [], ref_nonces[1] or "") if ref_b is not None else ([], 0, 0, [])
     v = CellVerdict(gid, False)
     if alien:
-        v.flags.append({"kind": "forged_evidence", "detail": f"{len(alien)} evidence record(s) that the grader "
-                                                             "did not ask for"})
+        v.flags.append(_flag(FlagKind.FORGED_EVIDENCE, f"{len(alien)} evidence record(s) that the grader "
+                                                       "did not ask for"))
     if not (a_begin and a_done):
         # the reference itself did not complete this cell: nothing to compare against
         v.ok = s_done
@@ -657,7 +682,7 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
         plan = plans.get((rec["g"], rec["i"]))
         if plan is None:
             v.why = "evidence for a check that is not in the test"
-            v.flags.append({"kind": "forged_evidence", "detail": f"evidence for an unknown check {rec.get('i')}"})
+            v.flags.append(_flag(FlagKind.FORGED_EVIDENCE, f"evidence for an unknown check {rec.get('i')}"))
             return v
         if rec.get("ok") is not True:
             v.why = f"{where(rec)} failed"
@@ -679,11 +704,11 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
                             shown = "" if where(rec) == "a hidden check" else f" `{_clip(leaf['src'])}`"
                             v.why = f"{where(rec)}: a value the test computes itself{shown} differs from the " \
                                     "reference run"
-                            v.flags.append({"kind": "test_values_differ",
-                                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): "
-                                                      f"`{_clip(leaf['src'])}` differs from the reference run "
-                                                      "(patched library function, redefined name, or inputs "
-                                                      "changed by the answer)"})
+                            v.flags.append(_flag(FlagKind.TEST_VALUES_DIFFER,
+                                                 f"{gid}, check {k + 1} (line {plan.get('lineno')}): "
+                                                 f"`{_clip(leaf['src'])}` differs from the reference run "
+                                                 "(patched library function, redefined name, or inputs "
+                                                 "changed by the answer)"))
                             return v
                         sv = dict(ra, id=sv.get("id")) if "id" in sv else ra
                 values[path] = decode(sv)
@@ -696,21 +721,21 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
             res = truth(ev.run(plan["tree"]))
         except Untrusted as exc:
             v.why = f"{where(rec)} cannot be trusted: {exc}"
-            v.flags.append({"kind": "comparison_forged",
-                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): {exc} (its __eq__ and "
-                                      "friends are the student's)"})
+            v.flags.append(_flag(FlagKind.COMPARISON_FORGED,
+                                 f"{gid}, check {k + 1} (line {plan.get('lineno')}): {exc} (its __eq__ and "
+                                 "friends are the student's)"))
             return v
         except Uncertain:
             continue
-        except Exception:
-            continue
+        except Exception as exc:  # noqa: BLE001  (fail closed: a recomputation that crashes is no verdict)
+            return grader_error(gid, exc, f"check {k + 1} (line {plan.get('lineno')})")
         v.recomputed += 1
         if not res:
             v.why = f"{where(rec)} does not hold when the grader recomputes it"
-            v.flags.append({"kind": "comparison_forged",
-                            "detail": f"{gid}, check {k + 1} (line {plan.get('lineno')}): the kernel reported "
-                                      "success but the values it reported fail the check (patched comparison or "
-                                      "hidden failure)"})
+            v.flags.append(_flag(FlagKind.COMPARISON_FORGED,
+                                 f"{gid}, check {k + 1} (line {plan.get('lineno')}): the kernel reported "
+                                 "success but the values it reported fail the check (patched comparison or "
+                                 "hidden failure)"))
             return v
     v.ok = True
     return v
