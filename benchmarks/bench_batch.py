@@ -43,10 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import nbformat  # noqa: E402
-
 from grading_engine.batch import timing  # noqa: E402
 from grading_engine.batch.gradebook import dump  # noqa: E402
 from grading_engine.batch.runner import grade, time_split  # noqa: E402  (imported now: the run takes long)
+
 from course_tools.grading.mutants import load_mutants  # noqa: E402
 from course_tools.grading.notebooks import answer_cells, read_notebook  # noqa: E402
 from course_tools.paths import SOURCE_DIR  # noqa: E402

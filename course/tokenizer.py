@@ -25,8 +25,8 @@ character "▁" (U+2581), which SentencePiece uses for spaces, decodes as a spac
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 
@@ -85,7 +85,7 @@ class BPETokenizer:
         return f"BPETokenizer({str(self.model_file)!r}, vocab_size={self.vocab_size})"
 
     @staticmethod
-    def train(corpus_path: str | Path, model_prefix: str | Path, vocab_size: int) -> "BPETokenizer":
+    def train(corpus_path: str | Path, model_prefix: str | Path, vocab_size: int) -> BPETokenizer:
         """Train a BPE model on a UTF-8 text file; writes ``<model_prefix>.model``; returns it loaded.
 
         Training is deterministic: one thread, no sentence sampling or

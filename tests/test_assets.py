@@ -22,10 +22,10 @@ from PIL import Image
 
 from course import assets, media
 from course.data import CORPUS_PATH, make_corpus, read_stories
-from course_tools.paths import HANDS_ON_ASSETS
 from course.thinker import ThinkerLM
 from course.tokenizer import BPETokenizer
 from course.training import CHECKPOINT_KEYS, load_checkpoint
+from course_tools.paths import HANDS_ON_ASSETS
 
 pytestmark = [pytest.mark.package, pytest.mark.usefixtures("one_thread")]
 

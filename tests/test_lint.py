@@ -6,10 +6,10 @@ import copy
 
 import nbformat
 import pytest
+from notebook_factory import good_notebook
 
 from course_tools.grading.lint import lint_release, lint_source
-from course_tools.grading.notebooks import protected_regions, checks_after, visible_text
-from notebook_factory import good_notebook
+from course_tools.grading.notebooks import checks_after, protected_regions, visible_text
 
 
 def _write(tmp_path, nb, name="nb.ipynb"):

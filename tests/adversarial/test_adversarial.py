@@ -10,8 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from suite import BLANK, HONEST_FIRST, HONEST_LAST, MAX_POINTS, grade_both, load_attacks, outcome, report, student_of
+from suite import BLANK, HONEST_FIRST, HONEST_LAST, MAX_POINTS, grade_both, load_attacks, outcome, student_of
 
 ATTACKS = load_attacks()
 pytestmark = pytest.mark.grading

@@ -83,7 +83,7 @@ class LabServer:
         self.env = env
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "LabServer":
+    def start(self) -> LabServer:
         extra = [f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                  f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
                  "--LabApp.expose_app_in_browser=False"]
@@ -153,7 +153,7 @@ class Lab:
             raise
 
     # -- navigation ---------------------------------------------------------
-    def open(self, path: str = "lab") -> "Lab":
+    def open(self, path: str = "lab") -> Lab:
         self.page.goto(self.server.url(path))
         self.page.wait_for_selector("#jp-main-dock-panel")
         self.page.locator(".lm-MenuBar-itemLabel", has_text="Nbgrader").wait_for()

@@ -26,11 +26,11 @@ import time
 import urllib.request
 
 import pytest
+from labdriver import Lab, LabServer, copy_course
 from playwright.sync_api import expect
 
 from course_tools.grading.workspace import clean_env, run_nbgrader
 from course_tools.paths import REPO_ROOT
-from labdriver import Lab, LabServer, copy_course
 
 pytestmark = pytest.mark.browser
 

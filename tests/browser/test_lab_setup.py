@@ -9,8 +9,12 @@ import sys
 
 import pytest
 
-from course_tools.lab import (INSTRUCTOR_ONLY_PLUGINS, INSTRUCTOR_ONLY_SERVER_EXTENSIONS, SHARED_SERVER_EXTENSIONS,
-                        prepare)
+from course_tools.lab import (
+    INSTRUCTOR_ONLY_PLUGINS,
+    INSTRUCTOR_ONLY_SERVER_EXTENSIONS,
+    SHARED_SERVER_EXTENSIONS,
+    prepare,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

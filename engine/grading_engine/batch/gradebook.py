@@ -19,10 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nbgrader.api import Base, Gradebook
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Connection, Engine
-
-from nbgrader.api import Base, Gradebook
 
 T = Base.metadata.tables
 DEFINITION_TABLES = ["assignment", "notebook", "base_cell", "grade_cells", "solution_cells", "task_cells",
@@ -214,7 +213,7 @@ def dump(db_url: str, assignments: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         with db.connect() as conn:
-            a, nb, bc = T["assignment"], T["notebook"], T["base_cell"]
+            a = T["assignment"]
             names = [r[0] for r in conn.execute(select(a.c.name))]
             for name in sorted(names):
                 if assignments and name not in assignments:

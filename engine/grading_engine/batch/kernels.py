@@ -40,13 +40,14 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.provisioning.factory import KernelProvisionerFactory
 
+from grading_engine.batch.timing import _record as event
+
 PROVISIONER_NAME = "course-batch-warm"
 FORK_TIMEOUT = 30.0  # seconds for the fork server to answer; a fork takes milliseconds
 
-from grading_engine.batch.timing import _record as event
 
 # set by the worker
-_ZYGOTE: "Zygote | None" = None
+_ZYGOTE: Zygote | None = None
 LIVE: dict[int, int] = {}  # pid -> process group of every kernel this process started and has not cleaned up
 
 

@@ -126,8 +126,8 @@ def serve(sock_path: str, preload: list[str]) -> None:
             if name != __name__:
                 del sys.modules[name]
         importlib.invalidate_caches()
-    import ipykernel.kernelapp  # noqa: F401
     import ipykernel.ipkernel  # noqa: F401
+    import ipykernel.kernelapp  # noqa: F401
     import ipykernel_launcher  # noqa: F401
 
     loaded, failed = [], []

@@ -45,7 +45,7 @@ HOOK_MODULES = {"ctypes", "cffi", "gc", "inspect", "dis", "marshal", "types", "i
 FILE_MODULES = {"sqlite3", "nbformat", "nbgrader", "shelve", "dbm"}
 PROCESS_CALLS = {"os.system", "os.popen", "os.fork", "os.forkpty", "os.kill", "os.killpg", "os._exit", "os.abort",
                  "sys.exit", "exit", "quit", "os.execv", "os.execve", "os.execl", "os.execlp", "os.execvp",
-                 "os.spawnl", "os.spawnv", "os.posix_spawn", "os.setsid", "os.setuid", "os.nice", "os.abort"}
+                 "os.spawnl", "os.spawnv", "os.posix_spawn", "os.setsid", "os.setuid", "os.nice"}
 FILE_CALLS = {"os.listdir", "os.scandir", "os.walk", "os.chdir", "os.remove", "os.unlink", "os.rmdir",
               "os.rename", "os.replace", "os.makedirs", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
               "os.link", "glob.glob", "glob.iglob", "shutil.rmtree", "shutil.copy", "shutil.copyfile",

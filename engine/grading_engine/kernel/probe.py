@@ -24,7 +24,6 @@ such code needs.
 from __future__ import annotations
 
 import base64
-import builtins
 import hashlib
 import json
 import math
@@ -272,7 +271,7 @@ def _from_notebook(obj, depth: int = 0) -> bool:
     """Was ``obj`` (a function, a wrapper of one, a class or an instance of one) written in a notebook cell?"""
     if obj is None or depth > 4:
         return False
-    code = getattr(obj, "__code__", None) or getattr(getattr(obj, "__call__", None), "__code__", None)
+    code = getattr(obj, "__code__", None) or getattr(getattr(obj, "__call__", None), "__code__", None)  # noqa: B004  (the bound __call__, not callable())
     fn = getattr(code, "co_filename", "") or ""
     if "ipykernel_" in fn or fn.startswith("<ipython-input-"):
         return True
