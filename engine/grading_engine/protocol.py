@@ -12,6 +12,26 @@ SANDBOX_OPT_OUT_EVENT = "sandbox.off"
 """Audit event the launcher writes when it runs the kernel without bubblewrap."""
 
 
+class ValueTag(StrEnum):
+    """The ``"t"`` of a value summary: what the kernel's probe saw (``kernel.probe.summarize``), which the
+    grader decodes (``evidence.judge.decode``). Other keys: ``v`` value, ``n`` length, ``h`` hash, ``dt``
+    dtype, ``sh`` shape, ``k`` array kind or sequence kind, ``st`` statistics, ``id``/``ty``/``mro``/``main``
+    identity, type and whether the type was defined in the notebook."""
+
+    CONST = "c"  # None, True, False
+    INT = "i"  # an int (as a string beyond 2**53)
+    FLOAT = "f"  # a float (repr for inf and nan)
+    STR = "s"  # text, cut at 4000 characters (with a hash of the whole)
+    COMPLEX = "x"
+    ARRAY = "a"  # a tensor or ndarray: dtype, shape, values (sampled beyond 4096) and statistics
+    SEQUENCE = "q"  # list, tuple, torch.Size, dict keys or values
+    SET = "set"
+    DICT = "d"
+    TYPE = "type"  # a class: its qualified name and MRO
+    KEY = "k"  # a torch dtype or device, a numpy dtype
+    OPAQUE = "o"  # anything else: only its type and truth value
+
+
 class FlagKind(StrEnum):
     """What looked like interference, with the sentence the integrity report shows for it."""
 

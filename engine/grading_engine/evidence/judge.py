@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grading_engine.protocol import Flag, FlagKind, FlagSource
+from grading_engine.protocol import Flag, FlagKind, FlagSource, ValueTag
 
 FLOAT_RTOL = 1e-6
 FLOAT_ATOL = 1e-9
@@ -137,21 +137,23 @@ PY_MRO = {bool: ["builtins.bool", "builtins.int", "builtins.object"], int: ["bui
 
 
 def decode(s: dict):
+    """The grader's reading of a value summary (:class:`grading_engine.protocol.ValueTag`); a summary of
+    another shape raises ``ValueError`` (and the cell fails closed)."""
     t = s.get("t")
-    if t == "c":
+    if t == ValueTag.CONST:
         return s["v"]
-    if t == "i":
+    if t == ValueTag.INT:
         return int(s["v"])
-    if t == "f":
+    if t == ValueTag.FLOAT:
         return float(s["v"])
-    if t == "x":
+    if t == ValueTag.COMPLEX:
         v = s["v"]
         return complex(v[0], v[1]) if isinstance(v, list) else complex(v)
-    if t == "s":
+    if t == ValueTag.STR:
         if s.get("n", 0) > len(s["v"]):
             raise Uncertain("long string")
         return s["v"]
-    if t == "a":
+    if t == ValueTag.ARRAY:
         vals = None
         if "v" in s:
             raw = base64.b64decode(s["v"])
@@ -163,19 +165,21 @@ def decode(s: dict):
                 vals = vals.reshape(s["sh"])
         return Arr(s["dt"], tuple(s["sh"]), s["n"], s["k"], s["h"], vals, bool(s.get("full")), s.get("st", []),
                    s.get("lib", ""), s.get("mro", []), s.get("id"))
-    if t == "q":
+    if t == ValueTag.SEQUENCE:
         items = [decode(v) for v in s["v"]]
         return Seq(s["k"], items, s["n"], s["n"] == len(items), s.get("mro", []), s.get("id"))
-    if t == "set":
+    if t == ValueTag.SET:
         return SetVal([decode(v) for v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []), s.get("id"))
-    if t == "d":
+    if t == ValueTag.DICT:
         return DictVal([(decode(k), decode(v)) for k, v in s["v"]], s["n"], s["n"] == len(s["v"]), s.get("mro", []),
                        s.get("id"))
-    if t == "k":
+    if t == ValueTag.KEY:
         return Const(s["v"])
-    if t == "type":
+    if t == ValueTag.TYPE:
         return TypeVal(s["q"], s.get("mro", []), bool(s.get("abc")), bool(s.get("main")))
-    return Opaque(s.get("ty", "?"), s.get("mro", []), s.get("id"), s.get("truth"), bool(s.get("main")))
+    if t == ValueTag.OPAQUE:
+        return Opaque(s.get("ty", "?"), s.get("mro", []), s.get("id"), s.get("truth"), bool(s.get("main")))
+    raise ValueError(f"a value summary of unknown type {t!r}")
 
 
 def py(v):

@@ -352,8 +352,9 @@ def summarize(x, depth: int = 0) -> dict:
         return {"t": "d", "n": len(x), "v": [[summarize(k, depth + 1), summarize(v, depth + 1)]
                                              for k, v in list(x.items())[:MAX_ITEMS]], **_ident(x)}
     if isinstance(x, type):
-        return {"t": "type", "q": _qual(x), "mro": [_qual(c) for c in x.__mro__], "main": _from_notebook(x),
-                "abc": type(x).__instancecheck__ is not type.__instancecheck__, **_ident(x)}
+        # the class's own MRO and origin, not those of its metaclass (which _ident would give)
+        return {**_ident(x), "t": "type", "q": _qual(x), "mro": [_qual(c) for c in x.__mro__],
+                "main": _from_notebook(x), "abc": type(x).__instancecheck__ is not type.__instancecheck__}
     for key in ("dtype", "device"):
         cls = _orig.get(key)
         if cls is not None and t is cls:

@@ -1,0 +1,118 @@
+"""What crosses the sandbox wall, written once (grading_engine.protocol) and read back the same way.
+
+Every value type the kernel's probe summarises goes through JSON, as it does on the wire, and the
+grader's decoder gives back the value (or, for objects, what can honestly be said of them); every flag
+kind has its report sentence and survives the record's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from grading_engine.evidence.judge import Arr, Const, Opaque, Seq, SetVal, TypeVal, decode, py
+from grading_engine.kernel import probe
+from grading_engine.protocol import EVIDENCE_MIME, Flag, FlagKind, FlagSource, ValueTag
+from grading_engine.record import KIND_TEXT
+
+pytestmark = pytest.mark.evidence
+
+
+class Widget:
+    """An object the grader can only know by its type."""
+
+
+def wire(x):
+    probe.capture()
+    return json.loads(json.dumps(probe.summarize(x)))
+
+
+PLAIN = {  # value -> what the grader must read back, as a plain Python value
+    "none": (None, None),
+    "true": (True, True),
+    "int": (42, 42),
+    "big_int": (2 ** 70 + 1, 2 ** 70 + 1),
+    "float": (0.1 + 0.2, 0.1 + 0.2),
+    "text": ("héllo", "héllo"),
+    "complex": (1.5 - 2j, 1.5 - 2j),
+    "list": ([1, 2.5, "a"], [1, 2.5, "a"]),
+    "tuple": ((1, (2, 3)), (1, (2, 3))),
+    "set": ({3, 1, 2}, frozenset({1, 2, 3})),
+    "dict": ({"a": 1, "b": [2]}, {"a": 1, "b": (2,)}),
+    "numpy_scalar": (np.float32(0.5), 0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_plain_values_round_trip(name):
+    value, expected = PLAIN[name]
+    got = py(decode(wire(value)))
+    if name == "dict":
+        assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in got.items()} == expected
+    else:
+        assert got == expected and type(got) is type(expected)
+
+
+def test_non_finite_floats_round_trip():
+    assert math.isnan(decode(wire(float("nan"))))
+    assert decode(wire(float("-inf"))) == float("-inf")
+
+
+@pytest.mark.parametrize("value", [
+    torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
+    torch.tensor([[True, False]]),
+    torch.arange(6, dtype=torch.int64),
+    torch.ones(2, 3, dtype=torch.bfloat16) * 1.5,
+    np.linspace(0.0, 1.0, 9).reshape(3, 3),
+], ids=["float32", "bool", "int64", "bfloat16", "numpy"])
+def test_arrays_round_trip_whole(value):
+    arr = decode(wire(value))
+    as_np = value.float().numpy() if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 else (
+        value.numpy() if isinstance(value, torch.Tensor) else value)
+    assert isinstance(arr, Arr) and arr.full and arr.shape == tuple(value.shape)
+    assert np.array_equal(arr.vals, as_np.astype(arr.vals.dtype))
+    assert arr.dt == str(value.dtype) if isinstance(value, torch.Tensor) else arr.dt == f"numpy.{value.dtype}"
+
+
+def test_a_large_tensor_is_sampled_with_exact_statistics():
+    value = torch.arange(10_000, dtype=torch.float64)
+    arr = decode(wire(value))
+    assert not arr.full and arr.n == 10_000 and len(arr.vals) == probe.SAMPLE
+    assert arr.st[0] == float(value.sum()) and arr.st[2] == 0.0 and arr.st[3] == 9999.0
+    assert arr.vals[0] == 0.0 and arr.vals[-1] == 9999.0
+
+
+def test_sizes_types_keys_and_objects_round_trip():
+    size = decode(wire(torch.Size([2, 3])))
+    assert isinstance(size, Seq) and size.kind == "size" and py(size) == (2, 3)
+    assert isinstance(decode(wire(frozenset({"x"}))), SetVal)
+    assert decode(wire(torch.float16)) == Const("torch.dtype:torch.float16")
+    assert decode(wire(torch.device("cpu"))) == Const("torch.device:cpu")
+    klass = decode(wire(torch.nn.Linear))
+    assert isinstance(klass, TypeVal) and klass.q == "torch.nn.modules.linear.Linear"
+    assert "torch.nn.modules.module.Module" in klass.bases
+    obj = decode(wire(Widget()))
+    assert isinstance(obj, Opaque) and obj.ty.endswith("Widget") and obj.truth is True
+
+
+def test_every_value_tag_is_written_by_the_kernel_and_read_by_the_grader():
+    samples = [None, 1, 1.0, "s", 1j, torch.zeros(1), [1], {1}, {1: 2}, int, torch.float32, Widget()]
+    seen = {wire(x)["t"] for x in samples}
+    assert seen == {tag.value for tag in ValueTag}, f"tags without a round trip: {set(ValueTag) - seen}"
+
+
+def test_a_summary_of_unknown_type_is_refused():
+    with pytest.raises(ValueError, match="unknown type"):
+        decode({"t": "forged"})
+
+
+def test_flag_kinds_have_their_sentences_and_survive_json():
+    assert set(KIND_TEXT) == {k.value for k in FlagKind} and all(KIND_TEXT.values())
+    for kind in FlagKind:
+        flag = Flag(kind, FlagSource.EVIDENCE, "detail", "cell 3")
+        assert Flag.from_json(json.loads(json.dumps(flag.to_json()))) == flag
+    assert EVIDENCE_MIME.startswith("application/") and EVIDENCE_MIME.endswith("+json")
