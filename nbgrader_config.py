@@ -56,8 +56,14 @@ c.FileNameCollectorPlugin.named_regexp = (
 # nbgrader autograde runs student code in its bubblewrap sandbox kernel and gives
 # a test cell its points only with evidence that matches a reference run;
 # nbgrader generate_feedback shows no hidden test. Its settings are
-# c.GradingEngine.* (python -m grading_engine settings lists them).
+# c.GradingEngine.* (python -m grading_engine settings lists them with their help);
+# each can also be given on the command line, which wins over this file:
+#   nbgrader autograde ASSIGNMENT --GradingEngine.evidence=False
 c.GradingEngine.sandbox_packages = ["course"]  # the support package the notebooks import
+c.GradingEngine.preload = ["numpy", "torch"]  # imported in the grading kernel before student code
+# The sandbox's limits keep their defaults here; for example, for a machine with less memory:
+#   c.GradingEngine.memory_mb = 2048   (address space per process, MB)
+#   c.GradingEngine.wall_s = 900       (wall-clock seconds per notebook)
 
 try:
     from grading_engine.plugin import configure

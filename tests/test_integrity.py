@@ -152,6 +152,67 @@ def test_evidence_of_an_unknown_shape_fails_closed(reference):
     assert any(f["kind"] in ("grader_error", "test_values_differ") for f in v.flags), v
 
 
+PARTIAL_CREDIT_CELL = textwrap.dedent('''\
+    score = 0
+    for n, want in [(1, 1), (2, 5), (3, 14)]:
+        try:
+            if pick(n, None) == want:
+                score += 1
+        except Exception:
+            pass
+    ''')
+
+
+def _pyramid(n, _):
+    return n * (n + 1) * (2 * n + 1) // 6
+
+
+def _notebook_class(source: str, name: str):
+    """A class defined as a notebook cell defines it (the probe knows notebook code by its file name)."""
+    ns: dict = {"__name__": "__main__"}
+    exec(compile(source, "<ipython-input-7-0>", "exec"), ns)
+    return ns[name]
+
+
+def _partial(answer, nonce):
+    records, err, plan = run_instrumented(answer, nonce=nonce, src=PARTIAL_CREDIT_CELL)
+    assert err is None
+    return records, plan
+
+
+def test_a_partial_credit_cell_reports_its_conditions():
+    records, plan = _partial(_pyramid, "n1")
+    assert [r["b"] for r in records if r["k"] == "b"] == [True, True, True]
+    assert judge(records, records, plan, nonce="n1").ok
+
+
+def test_partial_credit_of_an_honest_partly_wrong_answer_stands():
+    ref, plan = _partial(_pyramid, "n1")
+    student, _ = _partial(lambda n, _: n * n, "n2")
+    assert [r["b"] for r in student if r["k"] == "b"] == [True, False, False]
+    v = judge(student, ref, plan)
+    assert v.ok and not v.flags, v  # the cell keeps the number it computed (1 of 3)
+
+
+def test_partial_credit_from_an_answer_equal_to_everything_is_refused():
+    """``if f(n) == want: score += 1`` is not an assert: stock nbgrader gives every point to an answer
+    whose ``__eq__`` is always true; the grader checks each branch against the reported values."""
+    anything = _notebook_class("class Anything:\n    def __eq__(self, other):\n        return True\n", "Anything")
+    ref, plan = _partial(_pyramid, "n1")
+    student, _ = _partial(lambda n, _: anything(), "n2")
+    v = judge(student, ref, plan)
+    assert not v.ok and [f["kind"] for f in v.flags] == ["comparison_forged"], v
+
+
+def test_a_branch_reported_against_its_own_values_is_refused():
+    ref, plan = _partial(_pyramid, "n1")
+    student, _ = _partial(lambda n, _: -1, "n2")
+    forged = [dict(r, b=True) if r["k"] == "b" else r for r in student]
+    v = judge(forged, ref, plan)
+    assert not v.ok and [f["kind"] for f in v.flags] == ["comparison_forged"], v
+    assert judge(student, ref, plan).ok  # unforged, the same wrong answer is judged normally
+
+
 def test_a_wrong_answer_fails(reference):
     ref, plan = reference
     student, err, _ = run_instrumented(lambda W, ids: W[ids] * 0, nonce="n2")

@@ -1,6 +1,7 @@
 """The integrity report, beside the grades.
 
     python -m grading_engine report ASSIGNMENT [--root DIR] [--brief]
+    python -m grading_engine settings [--root DIR] [--GradingEngine.NAME=VALUE ...]   every setting, help and value
 
 Run it in the course directory (where nbgrader_config.py is) after
 ``nbgrader autograde ASSIGNMENT``. It prints every submission's autograded
@@ -16,9 +17,8 @@ from pathlib import Path
 
 
 def _course_settings(root: Path | None) -> tuple[Path, str]:
-    from traitlets.config import Config
-
     from nbgrader.coursedir import CourseDirectory
+    from traitlets.config import Config
 
     if root is None:
         root = Path.cwd()
@@ -33,6 +33,11 @@ def _course_settings(root: Path | None) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["settings"]:  # python -m grading_engine settings [--root DIR] [--GradingEngine.NAME=VALUE ...]
+        from grading_engine.config import main as settings
+
+        return settings(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m grading_engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["report"])

@@ -194,6 +194,7 @@ class AssertPlan:
     tree: dict  # the grader's description of the evaluation tree (see probe._Eval)
     leaves: dict[str, dict] = field(default_factory=dict)  # path -> {"src": ..., "taint": bool}
     instrumented: bool = True
+    branch: bool = False  # the condition of an `if` or `while` (no assertion: the grader checks its truth)
 
 
 @dataclass
@@ -206,8 +207,8 @@ class CellPlan:
 
     def to_json(self) -> dict:
         return {"gid": self.gid, "parsed": self.parsed, "asserts": [
-            {"aid": a.aid, "lineno": a.lineno, "tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented}
-            for a in self.asserts]}
+            {"aid": a.aid, "lineno": a.lineno, "tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented,
+             "branch": a.branch} for a in self.asserts]}
 
 
 def _lam(expr: ast.expr) -> ast.Lambda:
@@ -300,6 +301,30 @@ class _Rewriter(ast.NodeTransformer):
         call = ast.Call(func=ast.Attribute(value=ast.Name(EV, ast.Load()), attr="check", ctx=ast.Load()),
                         args=[ast.Name(self.nonce_name, ast.Load()), _c(self.gid), _c(aid), spec, msg], keywords=[])
         return ast.copy_location(ast.Expr(call), node)
+
+    def _branch(self, node: ast.If | ast.While):
+        """A test that scores by branching (``if f(x) == 4: score += 1``) reports its condition too, so
+        that the grader can check the branch the kernel took against the values it reported."""
+        self.generic_visit(node)
+        if self.class_depth or not _instrumentable(node.test) or not _compares(node.test):
+            return node
+        aid = len(self.plans)
+        b = _Builder(self.tainted)
+        spec, tree = b.node(node.test, "0")
+        self.plans.append(AssertPlan(aid, node.lineno, tree, b.leaves, branch=True))
+        node.test = ast.copy_location(
+            ast.Call(func=ast.Attribute(value=ast.Name(EV, ast.Load()), attr="branch", ctx=ast.Load()),
+                     args=[ast.Name(self.nonce_name, ast.Load()), _c(self.gid), _c(aid), spec], keywords=[]),
+            node.test)
+        return node
+
+    visit_If = _branch
+    visit_While = _branch
+
+
+def _compares(test: ast.expr) -> bool:
+    """A condition worth reporting: one that compares or calls (not a bare flag such as ``while True``)."""
+    return any(isinstance(n, (ast.Compare, ast.Call)) for n in ast.walk(test))
 
 
 def plan_cell(gid: str, source: str, tainted: set[str],

@@ -616,6 +616,76 @@ def records_by_kind(records: list[dict], nonce: str) -> tuple[list[dict], bool, 
     return asserts, begin, done, alien
 
 
+def branch_records(records: list[dict], nonce: str) -> dict[tuple, list[dict]]:
+    """The reports of instrumented ``if``/``while`` conditions, by (grade_id, check id), in the order they ran."""
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("n") == nonce and r.get("k") == "b":
+            out.setdefault((r.get("g"), r.get("i")), []).append(r)
+    return out
+
+
+def _anchored(plan: dict, rec: dict, ref: dict | None, refb: dict | None) -> tuple[dict, str | None]:
+    """Decoded leaf values of one report; a value the test computes itself comes from the reference run when
+    both reference runs agree on it. Second item: the source of such a value that the student's run changed."""
+    values = {}
+    for path, leaf in plan["leaves"].items():
+        sv = rec["v"].get(path)
+        if sv is None:
+            continue
+        if not leaf["taint"] and ref is not None and refb is not None:
+            ra, rb = ref["v"].get(path), refb["v"].get(path)
+            if ra is not None and rb is not None and same_value(ra, rb):
+                if not same_value(sv, ra):
+                    return values, leaf["src"]
+                sv = dict(ra, id=sv.get("id")) if "id" in sv else ra
+        values[path] = decode(sv)
+    return values, None
+
+
+def judge_branches(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
+                   nonce: str, ref_nonces: tuple[str, str | None]) -> CellVerdict | None:
+    """Check every branch the kernel reports it took against the values it reported; a verdict when one
+    does not hold (the cell scores zero), else None."""
+    mine = branch_records(student, nonce)
+    ref_runs = (branch_records(ref_a, ref_nonces[0]),
+                branch_records(ref_b or [], ref_nonces[1] or "") if ref_b is not None else {})
+    for key, recs in mine.items():
+        plan = plans.get(key)
+        if plan is None or not plan.get("branch"):
+            v = CellVerdict(gid, False, why="evidence for a check that is not in the test")
+            v.flags.append(_flag(FlagKind.FORGED_EVIDENCE, f"evidence for an unknown condition {key[1]}"))
+            return v
+        ra, rb = ref_runs[0].get(key, []), ref_runs[1].get(key, [])
+        for j, rec in enumerate(recs):
+            if rec.get("b") is None:
+                continue  # the condition raised: the test's own flow decides what follows
+            values, changed = _anchored(plan, rec, ra[j] if j < len(ra) else None, rb[j] if j < len(rb) else None)
+            line = plan.get("lineno")
+            if changed is not None:
+                v = CellVerdict(gid, False, why=f"a condition of the test (line {line}) uses a value the test "
+                                                "computes itself that differs from the reference run")
+                v.flags.append(_flag(FlagKind.TEST_VALUES_DIFFER, f"{gid}, condition on line {line}: "
+                                                                  f"`{_clip(changed)}` differs from the reference run"))
+                return v
+            try:
+                res = truth(Evaluator(values).run(plan["tree"]))
+            except Uncertain:
+                continue
+            except Untrusted as exc:
+                v = CellVerdict(gid, False, why=f"a condition of the test (line {line}) cannot be trusted: {exc}")
+                v.flags.append(_flag(FlagKind.COMPARISON_FORGED, f"{gid}, condition on line {line}: {exc} (its "
+                                                                 "__eq__ and friends are the student's)"))
+                return v
+            if res != rec["b"]:
+                v = CellVerdict(gid, False, why=f"the test took a branch (line {line}) that the values it reported "
+                                                "contradict")
+                v.flags.append(_flag(FlagKind.COMPARISON_FORGED, f"{gid}, condition on line {line}: the kernel "
+                                                                 f"reported {rec['b']}, its values give {res}"))
+                return v
+    return None
+
+
 def _flag(kind: FlagKind, detail: str) -> dict:
     return Flag(kind, FlagSource.EVIDENCE, detail).to_json()
 
@@ -741,6 +811,10 @@ def _judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], r
                                  "success but the values it reported fail the check (patched comparison or "
                                  "hidden failure)"))
             return v
+    forged = judge_branches(gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
+    if forged is not None:
+        forged.checks, forged.recomputed = v.checks, v.recomputed
+        return forged
     v.ok = True
     return v
 

@@ -11,7 +11,7 @@ generator moved before each cell and after every call into the answer
 cells' code (an honest answer may draw random numbers in another order). Both runs' evidence and audit events are
 cached by a hash of everything they depend on (the notebook, the assignment's
 other files, this package's instrumentation, the library versions), in
-``$COURSE_INTEGRITY_CACHE`` (default ``~/.cache/course-integrity``), so each
+``GradingEngine.reference_cache`` (default ``~/.cache/course-integrity``), so each
 notebook is run once per change, not once per student.
 """
 
@@ -32,7 +32,6 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from grading_engine.protocol import EVIDENCE_MIME
 from grading_engine.evidence.instrument import (
     EV,
     instrument_cell,
@@ -41,6 +40,7 @@ from grading_engine.evidence.instrument import (
     plan_cell,
     student_names,
 )
+from grading_engine.protocol import EVIDENCE_MIME
 
 CACHE_VERSION = "2"
 
@@ -125,7 +125,8 @@ def plans_of(ref: NotebookNode) -> dict:
 
 def assert_plans(plans: dict) -> dict:
     """(grade_id, assert id) -> assert plan as JSON, over every test cell."""
-    return {(gid, a.aid): {"tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented, "lineno": a.lineno}
+    return {(gid, a.aid): {"tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented, "lineno": a.lineno,
+                           "branch": a.branch}
             for gid, p in plans.items() for a in p.asserts}
 
 
@@ -174,12 +175,11 @@ def evidence_of(cell) -> list[dict]:
     return recs
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("COURSE_INTEGRITY_CACHE")
-    if d:
-        return Path(d)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "course-integrity"
+def cache_dir(config=None) -> Path:
+    """The reference-run cache of the configuration ``config`` (``GradingEngine.reference_cache``)."""
+    from grading_engine.config import GradingEngine
+
+    return GradingEngine(config=config).reference_cache_dir()
 
 
 def _versions() -> str:
@@ -198,16 +198,19 @@ def _versions() -> str:
     return "|".join(parts)
 
 
-def cache_key(ref: NotebookNode, assignment_dir: Path) -> str:
+def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
     h.update(_versions().encode())
-    for mod in ("instrument", "probe", "audit"):
-        h.update((Path(__file__).parent / f"{mod}.py").read_bytes())
+    engine = Path(__file__).resolve().parents[1]
+    for part in ("evidence/instrument.py", "kernel/probe.py", "kernel/audit.py", "protocol.py"):
+        h.update((engine / part).read_bytes())
     h.update(json.dumps([[c.cell_type, c.source, nbg(c)] for c in ref.cells], sort_keys=True).encode())
-    from grading_engine.sandbox import requested
+    if sandboxed is None:
+        from grading_engine.config import GradingEngine
 
-    h.update(b"sandbox" if requested() else b"nosandbox")
+        sandboxed = GradingEngine().sandbox
+    h.update(b"sandbox" if sandboxed else b"nosandbox")
     if assignment_dir.exists():
         for p in sorted(assignment_dir.rglob("*")):
             if p.is_file() and p.suffix != ".ipynb" and ".ipynb_checkpoints" not in p.parts \
@@ -217,10 +220,8 @@ def cache_key(ref: NotebookNode, assignment_dir: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def _run(nb: NotebookNode, folder: Path, config, log) -> tuple[NotebookNode, dict]:
-    from grading_engine.preprocessors.execute import SandboxedExecute
-
-    ep = SandboxedExecute(config=config, log=log) if log is not None else SandboxedExecute(config=config)
+def _run(nb: NotebookNode, folder: Path, config, log, executor) -> tuple[NotebookNode, dict]:
+    ep = executor(config=config, log=log) if log is not None else executor(config=config)
     res = {"metadata": {"path": str(folder)}}
     return ep.preprocess(nb, res)
 
@@ -234,10 +235,13 @@ def _records(nb: NotebookNode) -> dict:
     return out
 
 
-def reference_runs(ref: NotebookNode, assignment_dir: Path, config=None, log=None) -> dict:
-    """Evidence of runs A and B of the reference notebook (cached)."""
-    key = cache_key(ref, assignment_dir)
-    cdir = cache_dir()
+def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None) -> dict:
+    """Evidence of runs A and B of the reference notebook (cached); ``executor`` is the execute preprocessor class."""
+    from grading_engine.config import GradingEngine
+
+    settings = GradingEngine(config=config)
+    key = cache_key(ref, assignment_dir, settings.sandbox)
+    cdir = settings.reference_cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
     path = cdir / f"{key}.json"
     lock = open(cdir / f"{key}.lock", "w")
@@ -262,7 +266,7 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, config=None, log=Non
                                     ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
                 else:
                     folder.mkdir()
-                done, res = _run(nb, folder, config, log)
+                done, res = _run(nb, folder, config, log, executor)
             ex = res.get("course_integrity", {}).get("execution", {})
             out["nonces"].append(nonce)
             out["runs"].append(_records(done))

@@ -522,6 +522,25 @@ def check(nonce: str, gid: str, aid: int, tree, msg=None) -> None:
         raise AssertionError(msg())
 
 
+MAX_BRANCH_REPORTS = 256  # reports per condition and cell: a loop's condition is reported this often at most
+_branch_counts: dict[tuple, int] = {}
+
+
+def branch(nonce: str, gid: str, aid: int, tree) -> bool:
+    """Evaluate one instrumented ``if``/``while`` condition of a test cell: publish what it observed, return
+    its truth. ``b`` is None when the condition raised (the exception goes on, as it would have)."""
+    key = (nonce, gid, aid)
+    _branch_counts[key] = n = _branch_counts.get(key, 0) + 1
+    ev = _Eval()
+    truth = None
+    try:
+        truth = bool(ev.node(tree))
+    finally:
+        if n <= MAX_BRANCH_REPORTS:
+            _emit({"k": "b", "n": nonce, "g": gid, "i": aid, "b": truth, "v": ev.values})
+    return truth
+
+
 def done(nonce: str, gid: str) -> None:
     _emit({"k": "done", "n": nonce, "g": gid})
 

@@ -16,12 +16,11 @@ import traceback
 from pathlib import Path
 
 from nbformat import NotebookNode
-
 from nbgrader.coursedir import CourseDirectory
 from nbgrader.preprocessors import NbGraderPreprocessor
 
 from grading_engine import record as report
-from grading_engine.protocol import EVIDENCE_MIME
+from grading_engine.config import FollowsEvidence, GradingEngine
 from grading_engine.evidence.judge import judge_cell
 from grading_engine.evidence.reference import (
     assert_plans,
@@ -36,14 +35,17 @@ from grading_engine.evidence.reference import (
     role,
     taint_of,
 )
-from grading_engine.sandbox import SANDBOX_OPT_OUT_EVENT, requested
-from grading_engine.preprocessors.execute import RESOURCE_KEY
+from grading_engine.preprocessors.execute import RESOURCE_KEY, SandboxedExecute
+from grading_engine.protocol import EVIDENCE_MIME
+from grading_engine.sandbox import SANDBOX_OPT_OUT_EVENT
 
 ERROR_NAME = "GradingCheckFailed"
 
 
-class InstrumentTests(NbGraderPreprocessor):
-    """Replace each test cell (already restored by OverwriteCells) by its instrumented version."""
+class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
+    """Replace each test cell (already restored by OverwriteCells) by its instrumented version.
+
+    On when ``GradingEngine.evidence`` is (read at run time)."""
 
     def preprocess(self, nb: NotebookNode, resources: dict):
         info = resources["nbgrader"]
@@ -58,7 +60,7 @@ class InstrumentTests(NbGraderPreprocessor):
         gbnb = gradebook_notebook(info["db_url"], assignment, notebook)
         ref = reference_notebook(src_path, gbnb)
         plans = plans_of(ref)
-        refruns = reference_runs(ref, src_dir, self.config, self.log)
+        refruns = reference_runs(ref, src_dir, SandboxedExecute, self.config, self.log)
         nonce = secrets.token_hex(8)
         present = {nbg(c).get("grade_id") for c in nb.cells if role(c) == "test"}
         # instrument with the reference's source of each test cell (OverwriteCells made them identical)
@@ -146,8 +148,10 @@ def audit_flags(events: list[dict], reference_events: list[list[dict]], cell_of:
     return out, sandboxed
 
 
-class CheckEvidence(NbGraderPreprocessor):
-    """After Execute: judge every test cell from its evidence, restore the sources, write the record."""
+class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
+    """After Execute: judge every test cell from its evidence, restore the sources, write the record.
+
+    On when ``GradingEngine.evidence`` is (read at run time)."""
 
     def preprocess(self, nb: NotebookNode, resources: dict):
         info = resources.get(RESOURCE_KEY)
@@ -244,7 +248,7 @@ class CheckEvidence(NbGraderPreprocessor):
         try:
             everything = report.set_stage_flags(
                 cd.root, nbinfo["assignment"], nbinfo["student"], nbinfo["notebook"], "run", flags, cells=verdicts,
-                sandbox="on" if sandboxed and requested() else "off",
+                sandbox="on" if sandboxed and GradingEngine(parent=self).sandbox else "off",
                 execution={"stopped": stopped, "truncated_cells": execution.get("truncated_cells")})
             if everything:
                 self._flag_in_gradebook(nbinfo)

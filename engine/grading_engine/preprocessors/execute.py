@@ -4,8 +4,16 @@ Registered only in ``Autograde.autograde_preprocessors`` (see
 :mod:`grading_engine.plugin`), so students' own ``nbgrader validate`` keeps
 the ordinary kernel. On top of nbgrader's Execute it
 
-* refuses loudly (``SystemExit``, before any student code runs) when the
-  sandbox cannot start, unless ``COURSE_SANDBOX=off`` (then it warns);
+* reads the engine's settings at run time (``GradingEngine(parent=self)``:
+  ``nbgrader_config.py``, then the command line) and hands the launcher
+  what it needs in the kernel's command line (:func:`launcher_arguments`):
+  the sandbox switch, the limits, the modules to preload and to watch;
+* refuses loudly when the sandbox cannot start (``RuntimeError``: this
+  submission fails; the command line's autograde has already stopped before
+  its first submission, see :class:`grading_engine.plugin.BeforeAutograde`),
+  unless ``GradingEngine.sandbox`` is False (then it warns);
+* with ``GradingEngine.sandbox`` and ``GradingEngine.evidence`` both False,
+  is nbgrader's own Execute in the notebook's kernel;
 * talks to the kernel over unix sockets (``transport = "ipc"``), the
   connection file and sockets in a private folder per kernel, so paths stay
   short and no kernel can see another's connection file;
@@ -13,51 +21,57 @@ the ordinary kernel. On top of nbgrader's Execute it
   are left without output and the evidence check gives them nothing) instead
   of failing the whole submission;
 * caps each cell's output and the notebook's output, so a flood of output
-  cannot exhaust the grader's memory;
+  cannot exhaust the grader's memory; outputs of the MIME types in
+  ``GradingEngine.output_caps`` have caps of their own;
 * collects the kernel's audit events and attributes them to cells.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from nbclient.util import run_sync
 from nbformat import NotebookNode
+from nbgrader.preprocessors import Execute
 from traitlets import Integer, Unicode
 
-from nbgrader.preprocessors import Execute
-
-from grading_engine.protocol import EVIDENCE_MIME
 from grading_engine.config import GradingEngine
-from grading_engine.sandbox import KERNEL_NAME, OPT_OUT_WARNING, REFUSAL, requested
+from grading_engine.sandbox import KERNEL_NAME, OPT_OUT_WARNING, REFUSAL
+from grading_engine.sandbox.kernel import launcher_arguments
 
 RESOURCE_KEY = "course_integrity"
 
 
-def ensure_kernelspec(packages: list[str]) -> None:
-    """Install the sandbox kernelspec when it is missing or mounts other packages than configured."""
+def ensure_kernelspec(packages: list[str], bwrap: str | None = None) -> None:
+    """Install the sandbox kernelspec when it is missing.
+
+    Each kernel gets the configured packages and bubblewrap binary when it starts
+    (:func:`grading_engine.sandbox.kernel.launcher_arguments`), so an existing kernelspec is left as it
+    is: grading one course never rewrites the kernelspec another course's grading relies on."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    from grading_engine.sandbox.install import install, installed_packages
+    from grading_engine.sandbox.install import install
 
     try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     except NoSuchKernel:
-        install(packages=packages)
-        return
-    prefix = str(Path(spec.resource_dir).parents[3])
-    if installed_packages(prefix) != list(packages):
-        install(prefix, packages=packages)
+        install(packages=packages, bwrap=None if bwrap in (None, "", "bundled") else bwrap)
 
 
-def require_sandbox(log=None) -> None:
-    """Exit the whole nbgrader run (before any student code) when the sandbox cannot start."""
-    if not requested():
+def require_sandbox(log=None, settings: GradingEngine | None = None, fatal: bool = False) -> None:
+    """Refuse to run student code when the sandbox is asked for and cannot start.
+
+    ``fatal``: ``SystemExit``, which stops the whole run (autograde's pre-convert hook, before the first
+    submission); else ``RuntimeError``, which fails this submission, loudly (inside a server such as the
+    formgrader, nbgrader catches either). ``settings``: default, those of the environment's defaults.
+    """
+    settings = settings if settings is not None else GradingEngine()
+    if not settings.sandbox:
         if log is not None:
             log.warning(OPT_OUT_WARNING)
         else:
@@ -65,31 +79,37 @@ def require_sandbox(log=None) -> None:
         return
     from grading_engine.sandbox.bwrap import availability
 
-    ok, why = availability()
+    ok, why = availability(settings.bwrap)
     if not ok:
         msg = REFUSAL.format(why=why)
         if log is not None:
             log.error(msg)
-        if "autograde" in sys.argv[1:3]:
-            raise SystemExit(msg)  # the command line: stop the whole run now
-        raise RuntimeError(msg)  # inside a server (formgrader): fail this submission, loudly, not the server
+        raise (SystemExit if fatal else RuntimeError)(msg)
 
 
 class SandboxedExecute(Execute):
     kernel_name = Unicode(KERNEL_NAME, help="kernel that runs student code while autograding").tag(config=True)
-    max_cell_output_bytes = Integer(1_000_000, help="output kept per cell (evidence excluded)").tag(config=True)
+    max_cell_output_bytes = Integer(
+        1_000_000, help="output kept per cell (outputs of the types in GradingEngine.output_caps apart)",
+    ).tag(config=True)
     max_notebook_output_bytes = Integer(10_000_000, help="output kept per notebook").tag(config=True)
-    max_cell_evidence_bytes = Integer(16_000_000, help="evidence kept per cell").tag(config=True)
+
+    _stock = False
+    _launcher_args: list[str] = []
 
     def preprocess(self, nb, resources=None, km=None):
-        require_sandbox(self.log)
+        settings = GradingEngine(parent=self)
+        self._stock = not (settings.sandbox or settings.evidence)
+        if self._stock:  # the engine is off: nbgrader's own Execute, in the notebook's own kernel
+            if self.kernel_name == KERNEL_NAME:
+                self.kernel_name = ""
+            return super().preprocess(nb, resources, km)
+        require_sandbox(self.log, settings)
+        self._launcher_args = []
         if self.kernel_name == KERNEL_NAME:
-            ensure_kernelspec(GradingEngine(parent=self).sandbox_packages)
-        self._stopped = None
-        self._cell_bytes: dict[int, int] = {}
-        self._cell_evidence: dict[int, int] = {}
-        self._total_bytes = 0
-        self._truncated: set[int] = set()
+            ensure_kernelspec(settings.sandbox_packages, settings.bwrap)
+            self._launcher_args = launcher_arguments(settings)
+        self._reset_counts(settings)
         self._events: list[dict] = []
         self._runtime = Path(tempfile.mkdtemp(prefix="cs-"))
         self._connection_file = str(self._runtime / "k.json")
@@ -107,7 +127,26 @@ class SandboxedExecute(Execute):
         }
         return nb_out, res
 
+    def _reset_counts(self, settings: GradingEngine) -> None:
+        self._caps = dict(settings.output_caps)
+        self._stopped = None
+        self._cell_bytes: dict[int, int] = {}
+        self._capped: dict[tuple[int, str], int] = {}
+        self._total_bytes = 0
+        self._truncated: set[int] = set()
+
     # -- kernel
+
+    async def async_start_new_kernel(self, **kwargs):
+        """Start the kernel with the launcher's settings after the configured extra arguments."""
+        configured = list(self.extra_arguments)
+        self.extra_arguments = configured + self._launcher_args
+        try:
+            await super().async_start_new_kernel(**kwargs)
+        finally:
+            self.extra_arguments = configured
+
+    start_new_kernel = run_sync(async_start_new_kernel)
 
     def create_kernel_manager(self):
         if not self.kernel_name:
@@ -136,6 +175,8 @@ class SandboxedExecute(Execute):
     # -- cells
 
     def preprocess_cell(self, cell, resources, index):
+        if self._stock:
+            return super().preprocess_cell(cell, resources, index)
         if self._stopped is not None:
             return cell, resources
         try:
@@ -155,13 +196,16 @@ class SandboxedExecute(Execute):
                                                 traceback=[f"KernelStopped: {why}"]))
 
     def output(self, outs, msg, display_id, cell_index):
+        if self._stock:
+            return super().output(outs, msg, display_id, cell_index)
         content = msg.get("content", {})
         size = len(json.dumps(content, default=str))
         data = content.get("data") or {}
-        if EVIDENCE_MIME in data and len(data) == 1:
-            used = self._cell_evidence.get(cell_index, 0) + size
-            self._cell_evidence[cell_index] = used
-            if used > self.max_cell_evidence_bytes:
+        mime = next(iter(data)) if len(data) == 1 else None
+        if mime in self._caps:  # an output of one capped type only: counted apart from the rest
+            used = self._capped.get((cell_index, mime), 0) + size
+            self._capped[(cell_index, mime)] = used
+            if used > self._caps[mime]:
                 self._truncated.add(cell_index)
                 return None
             return super().output(outs, msg, display_id, cell_index)

@@ -36,12 +36,11 @@ import traceback
 from pathlib import Path
 
 from nbformat import NotebookNode
-
 from nbgrader.coursedir import CourseDirectory
 from nbgrader.preprocessors import NbGraderPreprocessor
 
 from grading_engine import record as report
-from grading_engine.evidence.reference import gradebook_notebook, nbg, reference_notebook, role
+from grading_engine.evidence.reference import gradebook_notebook, nbg, reference_notebook
 from grading_engine.evidence.scan import imported_names, scan_code
 
 SHADOWING = {"torch.py", "numpy.py", "sitecustomize.py", "usercustomize.py", "ipykernel_launcher.py", "course",

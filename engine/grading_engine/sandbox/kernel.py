@@ -19,7 +19,16 @@ directory. It then
    writes to an inherited pipe into ``<connection file>.audit.jsonl`` (read by
    the grader), and removes everything it made.
 
-With ``COURSE_SANDBOX=off`` it runs the same inner kernel without bubblewrap,
+Its settings come in its command line, from the kernelspec (``--package``,
+``--bwrap``) and from the grader (SandboxedExecute appends
+:func:`launcher_arguments` through ``KernelManager.start_kernel(extra_arguments=...)``):
+``--sandbox on|off``, ``--limits JSON`` (:class:`~grading_engine.sandbox.bwrap.Limits`),
+``--preload`` and ``--watch`` (comma-separated modules, passed on to the kernel).
+Started without them (by hand), it uses the defaults of
+:class:`grading_engine.config.GradingEngine`. The kernel gets the audit pipe as an
+inherited descriptor named in its own command line (``--audit-fd N``).
+
+With ``--sandbox off`` it runs the same inner kernel without bubblewrap,
 after a warning.
 """
 
@@ -36,14 +45,14 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from grading_engine.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT, requested
+from grading_engine.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT
 from grading_engine.sandbox.bwrap import (
-    SANDBOX_HOME,
-    Cgroups,
     SANDBOX_RUN,
     UID_BASE,
+    Cgroups,
     Limits,
     build_command,
     is_root,
@@ -185,20 +194,83 @@ def kernel_pid(init_pid: int | None) -> int | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="grading_engine.sandbox.kernel")
+def launcher_arguments(settings) -> list[str]:
+    """What the grader appends to the kernelspec's command: the settings of a
+    :class:`grading_engine.config.GradingEngine` that the launcher and the kernel need."""
+    args = ["--sandbox", "on" if settings.sandbox else "off", "--limits", Limits.from_settings(settings).to_json(),
+            "--preload", ",".join(settings.preload), "--bwrap", settings.bwrap or "bundled"]
+    # per kernel, not in the shared kernelspec: two courses graded with one environment mount their own packages
+    for name in settings.sandbox_packages:
+        args += ["--package", name]
+    if settings.watch_modules:
+        args += ["--watch", ",".join(settings.watch_modules)]
+    return args
+
+
+@dataclass(frozen=True)
+class LaunchArgs:
+    connection_file: Path
+    packages: list[str]
+    bwrap: str
+    sandbox: bool
+    limits: Limits
+    preload: list[str] | None  # None: the kernel's own default
+    watch: list[str]
+    kernel_args: list[str]  # the rest, for ipykernel
+
+
+def _modules(text: str | None) -> list[str] | None:
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> LaunchArgs:
+    ap = argparse.ArgumentParser(prog="grading_engine.sandbox.kernel", allow_abbrev=False)
     ap.add_argument("-f", dest="connection_file", required=True)
     ap.add_argument("--package", dest="packages", action="append", default=[],
                     help="a package the notebooks import, mounted read-only (repeatable; from the kernelspec)")
+    ap.add_argument("--bwrap", default="bundled", help="the bubblewrap binary: bundled, system or a path")
+    ap.add_argument("--sandbox", choices=["on", "off"], default=None,
+                    help="off: run the kernel without bubblewrap (GradingEngine.sandbox)")
+    ap.add_argument("--limits", type=Limits.from_json, default=None, help="the sandbox limits, as JSON")
+    ap.add_argument("--preload", default=None, help="modules the kernel imports before student code")
+    ap.add_argument("--watch", default=None, help="modules whose functions the probe also watches")
     args, extra = ap.parse_known_args(argv)
-    conn_path = Path(args.connection_file).resolve()
+    defaults = None
+    if args.sandbox is None or args.limits is None:  # not started by the grader: the settings' defaults
+        from grading_engine.config import GradingEngine
+
+        defaults = GradingEngine()
+    return LaunchArgs(
+        connection_file=Path(args.connection_file).resolve(),
+        packages=list(dict.fromkeys(args.packages)),
+        bwrap=args.bwrap,
+        sandbox=defaults.sandbox if args.sandbox is None else args.sandbox == "on",
+        limits=Limits.from_settings(defaults) if args.limits is None else args.limits,
+        preload=_modules(args.preload),
+        watch=_modules(args.watch) or [],
+        kernel_args=extra,
+    )
+
+
+def inner_command(args: LaunchArgs, audit_fd: int, connection_file: str) -> list[str]:
+    """The kernel's command line: its own settings, then ipykernel's."""
+    cmd = [sys.executable, "-P", "-m", "grading_engine.kernel.inner", "--audit-fd", str(audit_fd)]
+    if args.preload is not None:
+        cmd += ["--preload", ",".join(args.preload)]
+    if args.watch:
+        cmd += ["--watch", ",".join(args.watch)]
+    return cmd + ["-f", connection_file, *args.kernel_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    conn_path = args.connection_file
     info = json.loads(conn_path.read_text())
-    limits = Limits.from_env()
+    limits = args.limits
     audit_file = audit_path_for(conn_path)
     audit_r, audit_w = os.pipe()
     sink = AuditSink(audit_r, audit_file)
     sink.start()
-    inner = [sys.executable, "-P", "-m", "grading_engine.kernel.inner"]
     started = time.monotonic()
     state = {"proc": None, "init_pid": None, "reason": "exit", "kill": None, "interrupt": None}
 
@@ -215,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_terminate)
     signal.signal(signal.SIGHUP, on_terminate)
 
-    if not requested():
+    if not args.sandbox:
         print(f"[course-sandbox] WARNING: {OPT_OUT_WARNING}", file=sys.stderr, flush=True)
         sink.write({"e": SANDBOX_OPT_OUT_EVENT, "a": []})
-        env = dict(os.environ, COURSE_AUDIT_FD=str(audit_w))
+        env = dict(os.environ)
         pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
         env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.Popen(inner + ["-f", str(conn_path), *extra], env=env, pass_fds=(audit_w,))
+        proc = subprocess.Popen(inner_command(args, audit_w, str(conn_path)), env=env, pass_fds=(audit_w,))
         os.close(audit_w)
         state["proc"] = proc
         state["interrupt"] = lambda: proc.send_signal(signal.SIGINT)
@@ -272,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
             links.append(link)
 
         info_r, info_w = os.pipe()
-        env = sandbox_env(limits, {"COURSE_AUDIT_FD": str(audit_w)}, args.packages)
-        cmd = build_command(inner + ["-f", f"{SANDBOX_RUN}/connection.json", *extra], workdir_name=name,
+        env = sandbox_env(limits, packages=args.packages)
+        cmd = build_command(inner_command(args, audit_w, f"{SANDBOX_RUN}/connection.json"), workdir_name=name,
                             home_dir=home, run_dir=run, etc_dir=etc, env=env, uid=uid, limits=limits, packages=args.packages,
-                            info_fd=info_w)
+                            info_fd=info_w, bwrap=args.bwrap)
         limit_values = rlimits(limits, uid)
         cgroups = Cgroups(f"course-sandbox-{os.getpid()}", limits.total_mb, limits.nproc + 64)
         state["cgroups"] = cgroups
