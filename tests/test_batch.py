@@ -25,9 +25,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from grading_engine.batch.gradebook import dump
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from grading_engine.batch.gradebook import dump
 from course_tools.paths import REPO_ROOT
 
 ASSIGNMENT = "tiny"
@@ -451,3 +451,84 @@ def test_a_fork_server_that_does_not_answer_is_replaced(tmp_path, monkeypatch):
     finally:
         mute.close()
         z.stop()
+
+
+def _set_course_root(root: Path, setting: str) -> None:
+    """The instructor's nbgrader_config.py names the course root: an absolute path (JupyterHub, as in nbgrader's
+    docs, with the gradebook beside it) or a relative one (resolved where nbgrader runs, the course folder)."""
+    if setting == "absolute":
+        lines = [f"c.CourseDirectory.root = {str(root)!r}",
+                 f"c.CourseDirectory.db_url = {'sqlite:///' + str(root / 'gradebook.db')!r}"]
+    else:
+        lines = ['c.CourseDirectory.root = "."']
+    with open(root / "nbgrader_config.py", "a") as fh:
+        fh.write("\n" + "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("setting, extra", [("absolute", {}), ("relative", FAST)], ids=["absolute", "relative"])
+def test_the_batch_honours_the_course_root_of_nbgrader_config(tmp_path, setting, extra):
+    """Workers grade in their private copies whatever root the config names; only the merge writes the course.
+
+    The absolute root runs in the course's full configuration (sandbox and integrity checks), whose
+    integrity records are written under the root too.
+    """
+    root = tmp_path / "course"
+    make_course(root, **extra)
+    _set_course_root(root, setting)
+    students = {"ann": "correct", "ben": "partial", "cat": "blank"}
+    submit(root, students)
+    run = batch(root, "grade", ASSIGNMENT, "--workers", "2", "--no-progress", **extra)
+    assert run.returncode == 0 and "graded 3, failed 0" in run.stdout, run.stdout + run.stderr
+    assert autograded_files(root) >= {f"{s}/{ASSIGNMENT}/tiny.ipynb" for s in students}
+    grades = dump(f"sqlite:///{root / 'gradebook.db'}")
+    assert set(grades) == {f"{ASSIGNMENT}/{s}" for s in students}
+    assert auto_scores(grades, "ann") == {"test_double": 2.0, "test_double_type": 1.0}
+    assert auto_scores(grades, "ben") == {"test_double": 2.0, "test_double_type": 0.0}
+    assert auto_scores(grades, "cat") == {"test_double": 0.0, "test_double_type": 0.0}
+    if not extra:  # the integrity records come back through the merge as well
+        assert {p.stem for p in (root / "integrity" / ASSIGNMENT).glob("*.json")} == set(students)
+    assert not (root / ".batch" / "workers").exists()
+    for s in students:
+        nbgrader(["generate_feedback", ASSIGNMENT, "--student", s, "--force"], root, **extra)
+        assert (root / "feedback" / s / ASSIGNMENT / "tiny.html").exists(), s
+
+
+def test_a_worker_refuses_a_course_folder_outside_its_private_copy(tmp_path):
+    """The worker's last guard: a folder setting that leads out of the private course stops the batch, loudly."""
+    from grading_engine.batch.worker import check_private, private_config_args, private_db_url
+    from nbgrader.coursedir import CourseDirectory
+
+    assert private_config_args(tmp_path) == [f"--CourseDirectory.root={tmp_path}",
+                                             f"--CourseDirectory.db_url=sqlite:///{tmp_path / 'gradebook.db'}"]
+    check_private(CourseDirectory(root=str(tmp_path), db_url=private_db_url(tmp_path)), tmp_path)
+    real = tmp_path.parent / "real-course"
+    cases = {"CourseDirectory.root": dict(root=str(real), db_url=private_db_url(tmp_path)),
+             "CourseDirectory.db_url": dict(root=str(tmp_path), db_url=f"sqlite:///{real / 'gradebook.db'}"),
+             "CourseDirectory.autograded_directory": dict(root=str(tmp_path), db_url=private_db_url(tmp_path),
+                                                          autograded_directory=str(real / "autograded"))}
+    for name, traits in cases.items():
+        with pytest.raises(SystemExit, match=name):
+            check_private(CourseDirectory(**traits), tmp_path)
+
+
+def test_discover_and_the_merge_follow_the_course_layout(tmp_path):
+    """Submissions are found, and results put, where the course's directory_structure says (no processes)."""
+    from grading_engine.batch.runner import Course, Job, discover, merge
+
+    course = Course(root=tmp_path, db_url="", course_id="c", config_file=tmp_path / "nbgrader_config.py", ignore=[],
+                    directory_structure="{student_id}/{nbgrader_step}/{assignment_id}",
+                    submitted_directory="handed_in", autograded_directory="graded")
+    for s in ("ann", "ben"):
+        (tmp_path / s / "handed_in" / ASSIGNMENT).mkdir(parents=True)
+    (tmp_path / "cat" / "handed_in" / "other").mkdir(parents=True)
+    assert discover(course, ASSIGNMENT) == ["ann", "ben"]
+    dest = tmp_path / "ann" / "graded" / ASSIGNMENT
+    dest.mkdir(parents=True)
+    (dest / "stale.ipynb").write_text("old")
+    out = tmp_path / "out"
+    (out / "autograded").mkdir(parents=True)
+    (out / "autograded" / "tiny.ipynb").write_text("new")
+    merge(course, None, out, Job(ASSIGNMENT, "ann", 1, "fp"), {"ok": True, "rows": None})
+    assert sorted(p.name for p in dest.iterdir()) == ["tiny.ipynb"]
+    assert not list(dest.parent.glob(".*batch-*")), "no half-swapped folder is left"
+    assert journal(tmp_path)["ann"]["status"] == "ok" and journal(tmp_path)["ann"]["fingerprint"] == "fp"

@@ -38,15 +38,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
+from grading_engine.batch.scheduler import MAX_ATTEMPTS, Action, Job, Scheduler, WorkersKeepDying  # noqa: F401
+
 STATE_DIR = ".batch"
-MAX_ATTEMPTS = 2
 # Files that grading one submission writes besides autograded/ and the
 # gradebook, relative to the course root: the integrity record of
 # grading_engine (flags shown beside the grade). The worker hands them
@@ -58,19 +59,40 @@ SIDE_FILES = ["integrity/{assignment}/{student}.json"]
 
 @dataclass
 class Course:
+    """The instructor's course, as its nbgrader configuration says (root, gradebook, folder layout)."""
+
     root: Path
     db_url: str
     course_id: str
-    config_file: Path
+    config_file: Path  # the course folder's own nbgrader_config.py (copied into each worker's private course)
     ignore: list[str]
+    config_files: list[Path] = field(default_factory=list)  # every configuration file nbgrader loaded
+    directory_structure: str = "{nbgrader_step}/{student_id}/{assignment_id}"
+    source_directory: str = "source"
+    submitted_directory: str = "submitted"
+    autograded_directory: str = "autograded"
 
     @property
     def state(self) -> Path:
         return self.root / STATE_DIR
 
+    def path(self, step: str, student: str, assignment: str) -> Path:
+        """nbgrader's ``CourseDirectory.format_path``: where ``step``'s folder of a submission is."""
+        return self.root / self.directory_structure.format(nbgrader_step=step, student_id=student,
+                                                           assignment_id=assignment)
+
+    def source(self, assignment: str) -> Path:
+        return self.path(self.source_directory, ".", assignment)
+
+    def submitted(self, student: str, assignment: str) -> Path:
+        return self.path(self.submitted_directory, student, assignment)
+
+    def autograded(self, student: str, assignment: str) -> Path:
+        return self.path(self.autograded_directory, student, assignment)
+
 
 def load_course(course_dir: Path | str | None = None) -> Course:
-    """The course's nbgrader configuration, read the way nbgrader reads it."""
+    """The course's nbgrader configuration, read the way nbgrader reads it (an absolute root included)."""
     from nbgrader.apps.baseapp import NbGrader
 
     course_dir = Path(course_dir or os.getcwd()).resolve()
@@ -81,8 +103,12 @@ def load_course(course_dir: Path | str | None = None) -> Course:
         app.initialize([])
         cd = app.coursedir
         root = Path(cd.root).resolve()
-        return Course(root=root, db_url=cd.db_url, course_id=cd.course_id,
-                      config_file=root / "nbgrader_config.py", ignore=list(cd.ignore))
+        local = next((p for p in (course_dir / "nbgrader_config.py", root / "nbgrader_config.py") if p.exists()),
+                     root / "nbgrader_config.py")
+        return Course(root=root, db_url=cd.db_url, course_id=cd.course_id, config_file=local,
+                      ignore=list(cd.ignore), config_files=[Path(p) for p in app.loaded_config_files],
+                      directory_structure=cd.directory_structure, source_directory=cd.source_directory,
+                      submitted_directory=cd.submitted_directory, autograded_directory=cd.autograded_directory)
     finally:
         os.chdir(cwd)
 
@@ -103,15 +129,16 @@ def _hash_tree(h, root: Path, ignore_names: set[str] = frozenset()) -> None:
 
 def source_fingerprint(course: Course, assignment: str) -> str:
     h = hashlib.sha256()
-    _hash_tree(h, course.root / "source" / assignment, {".ipynb_checkpoints", "__pycache__"})
-    if course.config_file.exists():
-        h.update(course.config_file.read_bytes())
+    _hash_tree(h, course.source(assignment), {".ipynb_checkpoints", "__pycache__"})
+    for config in course.config_files or [course.config_file]:  # what nbgrader loaded, in its order
+        if config.exists():
+            h.update(config.read_bytes())
     return h.hexdigest()
 
 
 def submission_fingerprint(course: Course, assignment: str, student: str, source_fp: str) -> str:
     h = hashlib.sha256(source_fp.encode())
-    _hash_tree(h, course.root / "submitted" / student / assignment)
+    _hash_tree(h, course.submitted(student, assignment))
     return h.hexdigest()
 
 
@@ -167,16 +194,7 @@ def setup_imports(notebooks: list[Path]) -> list[str]:
     return seen
 
 
-# --------------------------------------------------------------------------- jobs and results
-
-@dataclass
-class Job:
-    assignment: str
-    student: str
-    notebooks: int
-    fingerprint: str
-    attempts: int = 0
-
+# --------------------------------------------------------------------------- results
 
 @dataclass
 class Summary:
@@ -225,7 +243,11 @@ def time_split(timings: list[dict]) -> dict[str, float]:
     return out
 
 
+# --------------------------------------------------------------------------- one worker process
+
 class Worker:
+    """One worker process and its private course (``.batch/workers/w<k>/``)."""
+
     def __init__(self, k: int, course: Course, run: dict, env: dict[str, str]):
         self.k = k
         self.dir = course.state / "workers" / f"w{k}"
@@ -233,34 +255,52 @@ class Worker:
         self.run = run
         self.env = env
         self.proc: subprocess.Popen | None = None
-        self.job: Job | None = None
         self.started = 0.0
         self.buf = b""
         self.log = course.state / "logs" / f"worker{k}.log"
 
-    def start(self, assignments: list[str]) -> None:
+    @property
+    def out(self) -> Path:
+        """Where the worker leaves one finished submission for the merge."""
+        return self.dir / "out"
+
+    def make_private_course(self, assignments: list[str]) -> None:
+        """A private course: the course's nbgrader_config.py and the assignments' source folders.
+
+        The worker overrides root and db_url with this folder itself (see
+        :func:`grading_engine.batch.worker.private_config_args`), whatever the
+        configuration file says.
+        """
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        shutil.copy2(self.course.config_file, self.dir / "nbgrader_config.py")
+        if self.course.config_file.exists():
+            shutil.copy2(self.course.config_file, self.dir / "nbgrader_config.py")
         for a in assignments:
-            shutil.copytree(self.course.root / "source" / a, self.dir / "source" / a,
+            src = self.course.source(a)
+            shutil.copytree(src, self.dir / src.relative_to(self.course.root),
                             ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-        env = dict(self.env)
-        env["COURSE_DB_URL"] = f"sqlite:///{self.dir / 'gradebook.db'}"
+
+    def start(self, assignments: list[str]) -> None:
+        self.make_private_course(assignments)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "grading_engine.batch.worker"], cwd=self.dir, env=env,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+            self.proc = subprocess.Popen([sys.executable, "-m", "grading_engine.batch.worker"], cwd=self.dir,
+                                         env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          start_new_session=True)
         self.send(self.run)
         self.buf = b""
-        self.job = None
 
     def send(self, msg: dict) -> None:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
         self.proc.stdin.flush()
+
+    def messages(self, chunk: bytes) -> list[dict]:
+        """The complete JSON lines in what the worker wrote so far."""
+        self.buf += chunk
+        *lines, self.buf = self.buf.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
 
     def kill(self) -> None:
         """Stop the worker now; it kills its kernels on SIGTERM (SIGKILL after 3 s)."""
@@ -288,13 +328,157 @@ class Worker:
         self.kill()
 
 
-# --------------------------------------------------------------------------- the batch
+# --------------------------------------------------------------------------- the pool of workers
+
+class WorkerRefused(RuntimeError):
+    """The course's nbgrader configuration refused to autograde (e.g. no sandbox)."""
+
+
+class Pool:
+    """The worker processes: start, replace, read their messages, stop. No policy (see the scheduler)."""
+
+    def __init__(self, course: Course, run: dict, env: dict[str, str], size: int, assignments: list[str]):
+        self.workers = [Worker(k, course, run, env) for k in range(size)]
+        self.assignments = assignments
+        self.sel = selectors.DefaultSelector()
+        self.ready: set[int] = set()
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._start(w)
+
+    def _start(self, w: Worker) -> None:
+        w.start(self.assignments)
+        self.sel.register(w.proc.stdout, selectors.EVENT_READ, w)
+
+    def replace(self, w: Worker, start_again: bool) -> None:
+        """Kill ``w``; start a fresh one in its place if there is work left."""
+        if w.proc is not None:
+            self.sel.unregister(w.proc.stdout)
+        w.kill()
+        self.ready.discard(w.k)
+        if start_again:
+            self._start(w)
+
+    def idle(self) -> list[Worker]:
+        """Workers that said they are ready (whether they have a job is the scheduler's business)."""
+        return [w for w in self.workers if w.k in self.ready]
+
+    def poll(self, timeout: float) -> list[tuple[Worker, dict | None]]:
+        """Messages from the workers, in order; ``None`` when a worker's channel closed (it exited)."""
+        events: list[tuple[Worker, dict | None]] = []
+        for key, _ in self.sel.select(timeout=timeout):
+            w: Worker = key.data
+            chunk = os.read(key.fd, 1 << 20)
+            if not chunk:
+                events.append((w, None))
+                continue
+            for msg in w.messages(chunk):
+                if "fatal" in msg:
+                    raise WorkerRefused(msg["fatal"])
+                if msg.get("ready"):
+                    self.ready.add(w.k)
+                events.append((w, msg))
+        return events
+
+    def exited(self) -> list[Worker]:
+        return [w for w in self.workers if w.proc is not None and w.proc.poll() is not None]
+
+    def close(self, now: bool) -> None:
+        """Stop every worker: at once (``now``: Ctrl-C, an error) or after its current job."""
+        for w in self.workers:
+            if now:
+                w.kill()
+            else:
+                w.stop()
+
+
+# --------------------------------------------------------------------------- the merge
+
+def existing_rows(db, job: Job) -> Any:
+    """The student's earlier gradebook rows for this assignment (manual grades survive a regrade), as JSON."""
+    from grading_engine.batch import gradebook as gbm
+
+    with db.connect() as conn:
+        rows = gbm.submission_rows(conn, job.assignment, job.student)
+    return gbm.rows_to_json(rows) if rows["submitted_assignment"] or rows["student"] else None
+
+
+def _swap_in(new: Path, dest: Path) -> None:
+    """Replace folder ``dest`` by ``new`` (or remove it if ``new`` is missing), by rename where possible."""
+    parent = dest.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    old = parent / f".{dest.name}.batch-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    if new.exists():
+        tmp = parent / f".{dest.name}.batch-new"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            new.rename(tmp)
+        except OSError:
+            shutil.copytree(new, tmp)
+        tmp.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def merge(course: Course, db, out: Path, job: Job, msg: dict) -> None:
+    """Put one finished submission (the worker's ``out`` folder) into the instructor's course.
+
+    Files, gradebook rows, integrity record, log, and the journal entry last.
+    """
+    from grading_engine.batch import gradebook as gbm
+
+    a, s = job.assignment, job.student
+    # 1. the autograded folder, swapped in by rename (same file system: .batch/ is inside the course)
+    _swap_in(out / "autograded", course.autograded(s, a))
+    # 2. the gradebook rows, in one transaction
+    rows = gbm.rows_from_json(msg.get("rows"))
+    if rows is not None:
+        gbm.replace_submission(db, a, s, rows)
+    # 2b. per-submission records of the course's preprocessors (integrity flags)
+    for k, pattern in enumerate(SIDE_FILES):
+        src = out / "side" / str(k)
+        if src.exists():
+            dst = course.root / pattern.format(assignment=a, student=s)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.batch-new")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    # 3. the log and the journal entry, last
+    log = out / "autograde.log"
+    if log.exists():
+        dst = course.state / "logs" / a / f"{s}.log"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, dst)
+    _atomic_write(journal_path(course, a, s), json.dumps(
+        {"fingerprint": job.fingerprint, "status": "ok" if msg.get("ok") else "failed",
+         "error": msg.get("error"), "graded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+         "timings": msg.get("timings")}))
+
+
+def record_failure(course: Course, job: Job, why: str) -> None:
+    """The journal entry of a submission that got no verdict (its worker died twice): nothing is merged."""
+    _atomic_write(journal_path(course, job.assignment, job.student), json.dumps(
+        {"fingerprint": job.fingerprint, "status": "failed", "error": why, "infrastructure": True}))
+
+
+# --------------------------------------------------------------------------- planning
 
 def discover(course: Course, assignment: str) -> list[str]:
-    sub = course.root / "submitted"
-    if not sub.exists():
-        return []
-    return sorted(p.parent.name for p in sub.glob(f"*/{assignment}") if p.is_dir())
+    """Students with a submitted folder for ``assignment`` (nbgrader's directory structure)."""
+    parts = course.directory_structure.split("/")
+    if "{student_id}" not in parts:
+        raise ValueError(f"CourseDirectory.directory_structure {course.directory_structure!r} has no "
+                         "{student_id} folder of its own; the batch grader cannot find the submissions")
+    at = parts.index("{student_id}")
+    pattern = course.directory_structure.format(nbgrader_step=course.submitted_directory, student_id="*",
+                                                assignment_id=assignment)
+    return sorted({p.relative_to(course.root).parts[at] for p in course.root.glob(pattern) if p.is_dir()})
 
 
 def plan(course: Course, assignments: list[str], students: list[str] | None = None, regrade: bool = False,
@@ -313,7 +497,7 @@ def plan(course: Course, assignments: list[str], students: list[str] | None = No
                 if students and s not in students:
                     continue
                 fp = submission_fingerprint(course, a, s, src_fp)
-                n = len(list((course.root / "submitted" / s / a).glob("*.ipynb"))) or 1
+                n = len(list(course.submitted(s, a).glob("*.ipynb"))) or 1
                 j = read_journal(course, a, s)
                 if not regrade and j and j.get("fingerprint") == fp:
                     if j.get("status") == "ok" and s in in_gradebook:
@@ -329,12 +513,178 @@ def plan(course: Course, assignments: list[str], students: list[str] | None = No
     return jobs, done
 
 
+def prepare_run(course: Course, db, assignments: list[str], warm: bool, fast_shutdown: bool) -> dict:
+    """What every worker gets once: the template gradebook, the assignments' definitions, the warm-up modules."""
+    from grading_engine.batch import gradebook as gbm
+
+    run_dir = course.state / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    template = run_dir / "template.db"
+    gbm.make_template(template, db, course.course_id)
+    definitions = {}
+    with db.connect() as conn:
+        for a in assignments:
+            p = run_dir / f"definitions-{a}.json"
+            p.write_text(json.dumps(gbm.rows_to_json(gbm.definition_rows(conn, a))))
+            definitions[a] = str(p)
+    preload = None
+    if warm:
+        preload = setup_imports(sorted(p for a in assignments for p in course.source(a).glob("*.ipynb")))
+    return {"course_root": str(course.root), "template_db": str(template), "definitions": definitions,
+            "preload": preload, "fast_shutdown": fast_shutdown}
+
+
+def worker_env() -> dict[str, str]:
+    """The workers' environment: this one, with the engine importable and no gradebook of the course's."""
+    env = dict(os.environ)
+    env.pop("COURSE_DB_URL", None)  # a worker grades against its private gradebook, never the course's
+    # the workers run this very engine package, installed or not; the
+    # kernels get the environment unchanged (the worker restores it)
+    here = str(Path(__file__).resolve().parents[2])
+    env["BATCH_ORIG_PYTHONPATH"] = json.dumps(os.environ.get("PYTHONPATH"))
+    env["BATCH_EXTRA_PATH"] = here
+    env["PYTHONPATH"] = here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return env
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """The progress bar (notebooks graded, time left) and one line per notable event; silent when off."""
+
+    def __init__(self, enabled: bool, total: int, skipped: int, todo: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="nb", desc="grading", dynamic_ncols=True, file=sys.stderr,
+                            smoothing=0.1)
+            if skipped:
+                self.bar.write(f"resuming: {skipped} submission(s) already graded, {todo} to go")
+
+    def note(self, what: str, job: Job, why: str | None) -> None:
+        if self.bar is not None:
+            last = (why or "").strip().splitlines()[-1:] or [""]
+            self.bar.write(f"{what} {job.assignment}/{job.student}: {last[0][:200]}")
+
+    def advance(self, job: Job, failed: int) -> None:
+        if self.bar is not None:
+            self.bar.update(job.notebooks)
+            self.bar.set_postfix(failed=failed, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- the batch
+
 class BatchLocked(RuntimeError):
     pass
 
 
-class WorkerRefused(RuntimeError):
-    """The course's nbgrader configuration refused to autograde (e.g. no sandbox)."""
+class Batch:
+    """One run: the scheduler decides, the pool carries out, the merge puts results in the course."""
+
+    def __init__(self, course: Course, db, sched: Scheduler, pool: Pool, summary: Summary, progress: Progress):
+        self.course, self.db, self.sched, self.pool = course, db, sched, pool
+        self.summary, self.progress = summary, progress
+
+    def run(self, job_timeout: float, stop_after: int | None = None) -> None:
+        while not self.sched.done and not (stop_after is not None and self.sched.finished >= stop_after):
+            for w in self.pool.idle():
+                self.dispatch(w)
+            for w, msg in self.pool.poll(timeout=1.0):
+                if msg is None:
+                    self.on_exit(w, "exited")
+                else:
+                    self.on_message(w, msg)
+            self.check_workers(job_timeout)
+        if not self.sched.done:
+            self.summary.interrupted = True
+
+    def dispatch(self, w: Worker) -> None:
+        job = self.sched.next_job(w.k)
+        if job is None:
+            return
+        w.started = time.monotonic()
+        w.send({"job": self.sched.dispatched, "assignment": job.assignment, "student": job.student,
+                "submission": str(self.course.submitted(job.student, job.assignment)),
+                "existing": existing_rows(self.db, job)})
+
+    def on_message(self, w: Worker, msg: dict) -> None:
+        if msg.get("ready"):
+            self.summary.zygote = msg.get("zygote", {})
+            return
+        self.summary.zygote_restarts += bool(msg.get("zygote_restarted"))
+        decision = self.sched.on_result(w.k, before_student_code=bool(msg.get("infra")), reason=msg.get("error") or "")
+        if decision is None:
+            return
+        if decision.action is Action.RETRY:
+            # the worker could not set up, or a kernel never answered: no student code ran and
+            # nothing is merged; the submission is graded again in this run
+            job = decision.job
+            self.summary.retried.append((job.assignment, job.student, decision.reason))
+            self.progress.note("again", job, decision.reason)
+        else:
+            self.merge(w, decision.job, msg)
+        self.dispatch(w)
+
+    def merge(self, w: Worker, job: Job, msg: dict) -> None:
+        t0 = time.perf_counter()
+        merge(self.course, self.db, w.out, job, msg)
+        timings = dict(msg.get("timings") or {})
+        timings["merge"] = time.perf_counter() - t0
+        self.summary.timings.append(timings)
+        self.summary.notebooks += job.notebooks
+        if msg.get("ok"):
+            self.summary.graded.append(job.key)
+        else:
+            self.summary.failed[job.key] = msg.get("error") or "failed"
+            self.progress.note("FAILED", job, msg.get("error"))
+        self.progress.advance(job, len(self.summary.failed))
+
+    def on_exit(self, w: Worker, why: str) -> None:
+        """``w`` died or was given up on: replace it; the scheduler says what becomes of its job."""
+        try:
+            decision = self.sched.on_crash(w.k, why)
+        except WorkersKeepDying as exc:
+            raise WorkersKeepDying(f"{exc}; see {self.course.state / 'logs'}") from None
+        self.pool.replace(w, start_again=self.sched.pending > 0)
+        if decision is not None and decision.action is Action.FAIL:
+            job = decision.job
+            self.summary.failed[job.key] = decision.reason
+            record_failure(self.course, job, decision.reason)
+            self.progress.note("FAILED", job, decision.reason)
+            self.progress.advance(job, len(self.summary.failed))
+
+    def check_workers(self, job_timeout: float) -> None:
+        """Give up on a worker whose job takes too long, or that exited while it had a job."""
+        now = time.monotonic()
+        for w in self.pool.workers:
+            if self.sched.running(w.k) is None:
+                continue
+            if now - w.started > job_timeout:
+                self.on_exit(w, f"no result after {job_timeout:.0f} s")
+            elif w.proc is not None and w.proc.poll() is not None:
+                self.on_exit(w, f"exit code {w.proc.returncode}")
+
+
+@contextmanager
+def batch_lock(course: Course):
+    """One batch run per course at a time."""
+    course.state.mkdir(parents=True, exist_ok=True)
+    with open(course.state / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BatchLocked(f"another batch grading run is using {course.root}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def grade(assignments: list[str], course_dir: Path | str | None = None, workers: int | None = None,
@@ -346,240 +696,39 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
 
     t_start = time.perf_counter()
     course = load_course(course_dir)
-    course.state.mkdir(parents=True, exist_ok=True)
-    lock = open(course.state / "lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise BatchLocked(f"another batch grading run is using {course.root}")
-    db = gbm.engine(course.db_url)
     summary = Summary()
-    pool: list[Worker] = []
-    bar = None
-    try:
-        missing = [a for a in assignments if not gbm.assignment_exists(db, a)]
-        if missing:
-            raise SystemExit(f"not in the gradebook: {missing}; run `nbgrader generate_assignment` for them first")
-        jobs, summary.skipped = plan(course, assignments, students, regrade, retry_failed)
-        if not jobs:
-            return summary
-        run_dir = course.state / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        template = run_dir / "template.db"
-        gbm.make_template(template, db, course.course_id)
-        definitions = {}
-        with db.connect() as conn:
-            for a in assignments:
-                p = run_dir / f"definitions-{a}.json"
-                p.write_text(json.dumps(gbm.rows_to_json(gbm.definition_rows(conn, a))))
-                definitions[a] = str(p)
-        preload = None
-        if warm:
-            preload = setup_imports(sorted(p for a in assignments for p in (course.root / "source" / a).glob("*.ipynb")))
-        run = {"course_root": str(course.root), "template_db": str(template), "definitions": definitions,
-               "preload": preload, "fast_shutdown": fast_shutdown}
-        env = dict(os.environ)
-        env.pop("COURSE_DB_URL", None)
-        # the workers run this very `course` package, installed or not; the
-        # kernels get the environment unchanged (the worker restores it)
-        here = str(Path(__file__).resolve().parents[2])
-        env["BATCH_ORIG_PYTHONPATH"] = json.dumps(os.environ.get("PYTHONPATH"))
-        env["BATCH_EXTRA_PATH"] = here
-        env["PYTHONPATH"] = here + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-        n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        pool = [Worker(k, course, run, env) for k in range(n_workers)]
-        for w in pool:
-            w.start(assignments)
-
-        queue = deque(jobs)
-        total_nb = sum(j.notebooks for j in jobs)
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_nb, unit="nb", desc="grading", dynamic_ncols=True, file=sys.stderr,
-                       smoothing=0.1)
-            if summary.skipped:
-                bar.write(f"resuming: {summary.skipped} submission(s) already graded, {len(jobs)} to go")
-        sel = selectors.DefaultSelector()
-        for w in pool:
-            sel.register(w.proc.stdout, selectors.EVENT_READ, w)
-        ready = {w.k: False for w in pool}
-        finished = 0
-
-        def dispatch(w: Worker) -> None:
-            if not queue or w.job is not None or not ready[w.k]:
-                return
-            job = queue.popleft()
-            job.attempts += 1
-            existing = None
-            with db.connect() as conn:
-                rows = gbm.submission_rows(conn, job.assignment, job.student)
-                if rows["submitted_assignment"] or rows["student"]:
-                    existing = gbm.rows_to_json(rows)
-            w.job = job
-            w.started = time.monotonic()
-            w.send({"job": finished + len(queue), "assignment": job.assignment, "student": job.student,
-                    "existing": existing})
-
-        restarts = [0]
-
-        def restart(w: Worker, why: str) -> None:
-            job = w.job
-            restarts[0] += 1
-            if restarts[0] > 3 * n_workers + 2 * len(jobs):
-                raise RuntimeError(f"batch workers keep dying ({why}); see {course.state / 'logs'}")
-            sel.unregister(w.proc.stdout)
-            w.kill()
-            if job is not None:
-                if job.attempts < MAX_ATTEMPTS:
-                    queue.appendleft(job)
-                else:
-                    record_failure(job, f"the grading process died twice ({why})")
-            ready[w.k] = False
-            if queue:
-                w.start(assignments)
-                sel.register(w.proc.stdout, selectors.EVENT_READ, w)
-            else:
-                w.proc = None
-
-        def record_failure(job: Job, why: str) -> None:
-            nonlocal finished
-            summary.failed[(job.assignment, job.student)] = why
-            _atomic_write(journal_path(course, job.assignment, job.student), json.dumps(
-                {"fingerprint": job.fingerprint, "status": "failed", "error": why, "infrastructure": True}))
-            finished += 1
-            if bar is not None:
-                bar.update(job.notebooks)
-                bar.write(f"FAILED {job.assignment}/{job.student}: {why}")
-
-        while (queue or any(w.job for w in pool)) and not (stop_after is not None and finished >= stop_after):
-            for w in pool:
-                dispatch(w)
-            events = sel.select(timeout=1.0)
-            for key, _ in events:
-                w: Worker = key.data
-                chunk = os.read(key.fd, 1 << 20)
-                if not chunk:
-                    restart(w, "exited")
-                    continue
-                w.buf += chunk
-                while b"\n" in w.buf:
-                    line, w.buf = w.buf.split(b"\n", 1)
-                    msg = json.loads(line)
-                    if "fatal" in msg:
-                        raise WorkerRefused(msg["fatal"])
-                    if msg.get("ready"):
-                        ready[w.k] = True
-                        summary.zygote = msg.get("zygote", {})
-                        continue
-                    job = w.job
-                    w.job = None
-                    if job is None:
-                        continue
-                    summary.zygote_restarts += bool(msg.get("zygote_restarted"))
-                    if msg.get("infra") and job.attempts < MAX_ATTEMPTS:
-                        # the worker could not set up, or a kernel never answered: no student code
-                        # ran and nothing is merged; the submission is graded again in this run
-                        summary.retried.append((job.assignment, job.student, msg.get("error") or ""))
-                        queue.append(job)
-                        if bar is not None:
-                            why = (msg.get("error") or "").strip().splitlines()[-1:] or [""]
-                            bar.write(f"again {job.assignment}/{job.student}: {why[0][:200]}")
-                        dispatch(w)
-                        continue
-                    t0 = time.perf_counter()
-                    merge(course, db, w, job, msg)
-                    timings = dict(msg.get("timings") or {})
-                    timings["merge"] = time.perf_counter() - t0
-                    summary.timings.append(timings)
-                    finished += 1
-                    summary.notebooks += job.notebooks
-                    if msg.get("ok"):
-                        summary.graded.append((job.assignment, job.student))
-                    else:
-                        summary.failed[(job.assignment, job.student)] = msg.get("error") or "failed"
-                        if bar is not None:
-                            first = (msg.get("error") or "").strip().splitlines()[-1:] or [""]
-                            bar.write(f"FAILED {job.assignment}/{job.student}: {first[0][:200]}")
-                    if bar is not None:
-                        bar.update(job.notebooks)
-                        bar.set_postfix(failed=len(summary.failed), refresh=False)
-                    dispatch(w)
-            now = time.monotonic()
-            for w in pool:
-                if w.job is not None and now - w.started > job_timeout:
-                    restart(w, f"no result after {job_timeout:.0f} s")
-                elif w.proc is not None and w.proc.poll() is not None and w.job is not None:
-                    restart(w, f"exit code {w.proc.returncode}")
-        if queue or any(w.job for w in pool):
+    with batch_lock(course):
+        db = gbm.engine(course.db_url)
+        try:
+            missing = [a for a in assignments if not gbm.assignment_exists(db, a)]
+            if missing:
+                raise SystemExit(f"not in the gradebook: {missing}; run `nbgrader generate_assignment` for them first")
+            jobs, summary.skipped = plan(course, assignments, students, regrade, retry_failed)
+            if jobs:
+                _run(course, db, assignments, jobs, summary, workers, warm, fast_shutdown, progress, job_timeout,
+                     stop_after)
+        except KeyboardInterrupt:
             summary.interrupted = True
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
-        for w in pool:
-            if summary.interrupted:
-                w.kill()
-            else:
-                w.stop()
-        if not summary.interrupted:
-            shutil.rmtree(course.state / "workers", ignore_errors=True)
-        db.dispose()
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
-        summary.seconds = time.perf_counter() - t_start
+        finally:
+            db.dispose()
+            summary.seconds = time.perf_counter() - t_start
     return summary
 
 
-def merge(course: Course, db, w: Worker, job: Job, msg: dict) -> None:
-    """Put one finished submission into the instructor's course: files, gradebook rows, journal."""
-    from grading_engine.batch import gradebook as gbm
-
-    a, s = job.assignment, job.student
-    # 1. the autograded folder, swapped in by rename (same file system: .batch/ is inside the course)
-    parent = course.root / "autograded" / s
-    dest = parent / a
-    new = w.dir / "out" / "autograded"
-    parent.mkdir(parents=True, exist_ok=True)
-    old = parent / f".{a}.batch-old"
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        dest.rename(old)
-    if new.exists():
-        tmp = parent / f".{a}.batch-new"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
-            new.rename(tmp)
-        except OSError:
-            shutil.copytree(new, tmp)
-        tmp.rename(dest)
-    if old.exists():
-        shutil.rmtree(old)
-    # 2. the gradebook rows, in one transaction
-    rows = gbm.rows_from_json(msg.get("rows"))
-    if rows is not None:
-        gbm.replace_submission(db, a, s, rows)
-    # 2b. per-submission records of the course's preprocessors (integrity flags)
-    for k, pattern in enumerate(SIDE_FILES):
-        src = w.dir / "out" / "side" / str(k)
-        if src.exists():
-            dst = course.root / pattern.format(assignment=a, student=s)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.batch-new")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-    # 3. the log and the journal entry, last
-    log = w.dir / "out" / "autograde.log"
-    if log.exists():
-        dst = course.state / "logs" / a / f"{s}.log"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(log, dst)
-    _atomic_write(journal_path(course, a, s), json.dumps(
-        {"fingerprint": job.fingerprint, "status": "ok" if msg.get("ok") else "failed",
-         "error": msg.get("error"), "graded_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-         "timings": msg.get("timings")}))
+def _run(course: Course, db, assignments: list[str], jobs: list[Job], summary: Summary, workers: int | None,
+         warm: bool, fast_shutdown: bool, progress: bool, job_timeout: float, stop_after: int | None) -> None:
+    """Grade ``jobs`` with a pool of workers; on Ctrl-C, stop at once and leave the journal to resume from."""
+    size = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    pool = Pool(course, prepare_run(course, db, assignments, warm, fast_shutdown), worker_env(), size, assignments)
+    bar = Progress(progress, sum(j.notebooks for j in jobs), summary.skipped, len(jobs))
+    sched = Scheduler(jobs, crash_budget=3 * size + 2 * len(jobs))
+    try:
+        pool.start()
+        Batch(course, db, sched, pool, summary, bar).run(job_timeout, stop_after)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        pool.close(now=summary.interrupted)
+        if not summary.interrupted:
+            shutil.rmtree(course.state / "workers", ignore_errors=True)

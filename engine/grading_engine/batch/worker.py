@@ -3,8 +3,10 @@
 Started by :mod:`grading_engine.batch.runner` as ``python -m grading_engine.batch.worker`` in
 its private course directory (a copy of ``nbgrader_config.py`` and of
 ``source/<assignment>/``). It loads the course's nbgrader configuration once,
-exactly as ``nbgrader autograde`` does, then reads jobs (JSON lines) on stdin.
-For each job it:
+exactly as ``nbgrader autograde`` does, except that the command line puts
+``CourseDirectory.root`` and ``db_url`` in the private course (an absolute
+root in the instructor's file included: the command line wins), then reads
+jobs (JSON lines) on stdin. For each job it:
 
 1. copies the student's ``submitted/<student>/<assignment>/`` from the
    instructor's course into its own, and makes a fresh private SQLite
@@ -25,15 +27,17 @@ a new one and retries the job.
 from __future__ import annotations
 
 import json
-import re
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def _protocol_channel():
@@ -60,12 +64,38 @@ def _chain(first, second):
 
 def main() -> int:
     proto = _protocol_channel()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _follow_parent()
+    extra = _restore_environment()
+    setup = json.loads(sys.stdin.readline())
+    workdir = Path.cwd()
+
+    from grading_engine.batch import kernels
+
+    kernels.install(workdir, setup.get("preload"), dict(os.environ), extra_path=extra)
+    app = load_app(proto, workdir, setup.get("nbgrader_args") or [])
+    if app is None:
+        return 3
+    configure_app(app, fast_shutdown=setup.get("fast_shutdown", True))
+    proto.write(json.dumps({"ready": True, "pid": os.getpid(), "zygote": kernels.zygote_state()}) + "\n")
+    private = PrivateCourse(app, workdir, setup)
+    for job in _jobs(sys.stdin):
+        result = grade_job(private, job)
+        _reap_orphans()
+        proto.write(json.dumps(result) + "\n")
+    kernels.shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------- process set-up
+
+def _follow_parent() -> None:
+    """Ctrl-C is the parent's to handle; SIGTERM (the parent stops us, or died) takes our kernels along."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from grading_engine.batch.zygote import PR_SET_PDEATHSIG, prctl
 
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    def stop(signum, frame):  # the parent stops us (or died): take our kernels along
+    def stop(signum, frame):
         from grading_engine.batch import kernels
 
         kernels.kill_all()
@@ -73,116 +103,229 @@ def main() -> int:
         os._exit(143)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _restore_environment() -> str | None:
+    """Give the kernels the instructor's PYTHONPATH back; the path that made the engine importable here."""
     extra = os.environ.pop("BATCH_EXTRA_PATH", None)
     orig = json.loads(os.environ.pop("BATCH_ORIG_PYTHONPATH", "null"))
     if orig is None:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = orig
-    setup = json.loads(sys.stdin.readline())
-    workdir = Path.cwd()
-    course_root = Path(setup["course_root"])
+    return extra
 
-    from grading_engine.batch import kernels, timing
-    from grading_engine.batch.gradebook import rows_from_json, rows_to_json, seed_worker_gradebook, submission_rows, engine
 
-    kernels.install(workdir, setup.get("preload"), dict(os.environ), extra_path=extra)
+def _jobs(lines):
+    """The jobs the parent sends, one JSON object a line, up to ``{"stop": true}`` or the end of input."""
+    for line in lines:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        if job.get("stop"):
+            return
+        yield job
 
+
+# --------------------------------------------------------------------------- the configuration, in private
+
+def private_db_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'gradebook.db'}"
+
+
+def private_config_args(workdir: Path) -> list[str]:
+    """Settings that put nbgrader in the worker's private course, whatever the configuration files say.
+
+    traitlets gives the command line priority over every configuration file,
+    so an absolute ``CourseDirectory.root`` or ``db_url`` in the instructor's
+    ``nbgrader_config.py`` (the usual JupyterHub set-up) cannot send a worker
+    into the real course or its gradebook: only the merge writes there.
+    """
+    return [f"--CourseDirectory.root={workdir}", f"--CourseDirectory.db_url={private_db_url(workdir)}"]
+
+
+def check_private(coursedir, workdir: Path) -> None:
+    """Refuse (SystemExit, which stops the batch) if nbgrader would grade anywhere but the private course."""
+    here = workdir.resolve()
+    problems = []
+    if Path(coursedir.root).resolve() != here:
+        problems.append(f"CourseDirectory.root is {coursedir.root}")
+    if coursedir.db_url != private_db_url(workdir):
+        problems.append(f"CourseDirectory.db_url is {coursedir.db_url}")
+    for trait in ("source_directory", "submitted_directory", "autograded_directory"):
+        step = getattr(coursedir, trait)
+        path = Path(coursedir.format_path(step, "student", "assignment")).resolve()
+        if not path.is_relative_to(here):
+            problems.append(f"CourseDirectory.{trait} {step!r} leads to {path}")
+    if problems:
+        raise SystemExit(f"batch worker: nbgrader would grade outside the worker's private course {here} ("
+                         + "; ".join(problems) + "); the batch grader needs the course's folders inside its root")
+
+
+def load_app(proto, workdir: Path, nbgrader_args: list[str] = ()):
+    """nbgrader's autograde app with the course's configuration, in the private course; None if refused.
+
+    ``nbgrader_args``: the batch's nbgrader command-line settings (``--GradingEngine.sandbox=False``, say),
+    from the setup message; the private course's own arguments come last and win."""
     from nbgrader.apps.autogradeapp import AutogradeApp
-    from nbgrader.converters import Autograde
-    from nbgrader.utils import capture_log
-    from traitlets.config import Config
 
-    # load the configuration exactly as `nbgrader autograde` does: a course
-    # config that checks its command (the sandbox refusing to run without
-    # bubblewrap, say) sees "autograde", and a refusal stops the batch loudly
-    argv0 = sys.argv[0]
-    sys.argv = [argv0, "autograde"]
+    from grading_engine.plugin import refuse_unless_ready
+
+    # load the configuration exactly as `nbgrader autograde` does, as this process's application (the
+    # engine's hooks read its merged configuration); a configuration that cannot grade (the sandbox
+    # asked for and unable to start, say) stops the batch loudly, before the first job
     try:
-        app = AutogradeApp()
-        app.initialize([])
+        app = AutogradeApp.instance()
+        app.initialize([*nbgrader_args, *private_config_args(workdir)])
+        check_private(app.coursedir, workdir)
+        refuse_unless_ready(app.config)
     except BaseException as exc:  # noqa: BLE001 - SystemExit from the config included
         msg = str(exc) if isinstance(exc, SystemExit) else traceback.format_exc()
         proto.write(json.dumps({"ready": False, "fatal": msg or repr(exc)}) + "\n")
-        return 3
-    finally:
-        sys.argv = [argv0]
+        return None
+    return app
+
+
+def configure_app(app, fast_shutdown: bool) -> None:
+    """The batch's additions: timing hooks (after the course's own), fast kernel shutdown, log to stderr."""
+    from traitlets.config import Config
+
+    from grading_engine.batch import timing
+
     overlay = Config()
     for name, hook in timing.HOOKS.items():
         existing = app.config.Execute.get(name) if "Execute" in app.config else None
         overlay.Execute[name] = _chain(existing if callable(existing) else None, hook)
-    if setup.get("fast_shutdown", True):
+    if fast_shutdown:
         overlay.Execute.shutdown_kernel = "immediate"
     app.update_config(overlay)
     for h in list(app.log.handlers):
         app.log.removeHandler(h)
     app.log.addHandler(logging.StreamHandler(sys.stderr))
     app.log.setLevel(logging.INFO)
-    course_id = app.coursedir.course_id
-    definitions: dict[str, dict] = {}
 
-    proto.write(json.dumps({"ready": True, "pid": os.getpid(), "zygote": kernels.zygote_state()}) + "\n")
 
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        if job.get("stop"):
-            break
-        t0 = time.perf_counter()
-        a, s = job["assignment"], job["student"]
-        out = workdir / "out"
-        for d in (workdir / "submitted", workdir / "autograded", workdir / "integrity", out):
-            shutil.rmtree(d, ignore_errors=True)
-        db_path = workdir / "gradebook.db"
-        for p in workdir.glob("gradebook.db*"):
-            p.unlink()
-        out.mkdir()
-        result: dict = {"job": job["job"], "assignment": a, "student": s}
-        try:
-            shutil.copytree(course_root / "submitted" / s / a, workdir / "submitted" / s / a, symlinks=False)
-            shutil.copy2(setup["template_db"], db_path)
-            if a not in definitions:
-                definitions[a] = rows_from_json(json.loads(Path(setup["definitions"][a]).read_text()))
-            seed_worker_gradebook(db_path, course_id, definitions[a], rows_from_json(job.get("existing")))
-            t1 = time.perf_counter()
-            timing.EVENTS.clear()
-            app.coursedir.assignment_id = a
-            app.coursedir.student_id = s
-            converter = Autograde(coursedir=app.coursedir, parent=app)
-            converter.force = True
-            res = capture_log(converter)
-            t2 = time.perf_counter()
-            db = engine(f"sqlite:///{db_path}")
-            try:
-                with db.connect() as conn:
-                    rows = submission_rows(conn, a, s)
-            finally:
-                db.dispose()
-            graded = workdir / "autograded" / s / a
-            if graded.exists():
-                graded.rename(out / "autograded")
-            for k, pattern in enumerate(SIDE_FILES):  # per-submission records of the course's own preprocessors
-                side = workdir / pattern.format(assignment=a, student=s)
-                if side.is_file():
-                    (out / "side").mkdir(exist_ok=True)
-                    side.rename(out / "side" / str(k))
-            (out / "autograde.log").write_text(res.get("log", "") + ("\n" + res["error"] if "error" in res else ""))
-            notebooks = timing.split(timing.EVENTS)
-            result.update(ok=bool(res.get("success")), error=_short_error(res), rows=rows_to_json(rows),
-                          timings={"prepare": t1 - t0, "autograde": t2 - t1, "export": time.perf_counter() - t2,
-                                   "notebooks": notebooks})
-            if not res.get("success") and timing.kernel_start_failed(timing.EVENTS):
-                # no student code ran: not a verdict on the submission; the batch grades it again,
-                # and the next kernel comes from a fresh fork server in case this one is to blame
-                result.update(infra=True, error=f"a kernel did not start ({result['error']})",
-                              zygote_restarted=kernels.restart_zygote())
-        except Exception:  # noqa: BLE001 - report, never stop
-            result.update(ok=False, error=traceback.format_exc()[-3000:], rows=None, timings={}, infra=True)
-        _reap_orphans()
-        proto.write(json.dumps(result) + "\n")
-    kernels.shutdown()
-    return 0
+# --------------------------------------------------------------------------- one job
+
+@dataclass
+class PrivateCourse:
+    """The worker's private course (its working directory) and what every job there needs."""
+
+    app: Any
+    root: Path
+    setup: dict
+    definitions: dict = field(default_factory=dict)  # assignment -> its gradebook definition rows
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "gradebook.db"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    def folder(self, trait: str, student: str, assignment: str) -> Path:
+        cd = self.app.coursedir
+        return Path(cd.format_path(getattr(cd, trait), student, assignment))
+
+    def definition(self, assignment: str):
+        from grading_engine.batch.gradebook import rows_from_json
+
+        if assignment not in self.definitions:
+            path = Path(self.setup["definitions"][assignment])
+            self.definitions[assignment] = rows_from_json(json.loads(path.read_text()))
+        return self.definitions[assignment]
+
+
+def grade_job(private: PrivateCourse, job: dict) -> dict:
+    """Grade one submission in the private course; the answer for the parent (never raises)."""
+    from grading_engine.batch import kernels, timing
+
+    a, s = job["assignment"], job["student"]
+    result: dict = {"job": job["job"], "assignment": a, "student": s}
+    t0 = time.perf_counter()
+    try:
+        reset(private, a, s)
+        prepare(private, job)
+        t1 = time.perf_counter()
+        res = autograde(private.app, a, s)
+        t2 = time.perf_counter()
+        rows = export(private, a, s, res)
+        result.update(ok=bool(res.get("success")), error=_short_error(res), rows=rows,
+                      timings={"prepare": t1 - t0, "autograde": t2 - t1, "export": time.perf_counter() - t2,
+                               "notebooks": timing.split(timing.EVENTS)})
+        if not res.get("success") and timing.kernel_start_failed(timing.EVENTS):
+            # no student code ran: not a verdict on the submission; the batch grades it again,
+            # and the next kernel comes from a fresh fork server in case this one is to blame
+            result.update(infra=True, error=f"a kernel did not start ({result['error']})",
+                          zygote_restarted=kernels.restart_zygote())
+    except Exception:  # noqa: BLE001 - report, never stop
+        result.update(ok=False, error=traceback.format_exc()[-3000:], rows=None, timings={}, infra=True)
+    return result
+
+
+def reset(private: PrivateCourse, assignment: str, student: str) -> None:
+    """Nothing of the previous job is left: its submission, autograded folder, records, gradebook, output."""
+    root = private.root
+    cd = private.app.coursedir
+    folders = [root / cd.submitted_directory, root / cd.autograded_directory, root / "integrity", private.out,
+               private.folder("submitted_directory", student, assignment),
+               private.folder("autograded_directory", student, assignment)]
+    for d in folders:
+        shutil.rmtree(d, ignore_errors=True)
+    for p in root.glob(private.db_path.name + "*"):
+        p.unlink()
+    private.out.mkdir()
+
+
+def prepare(private: PrivateCourse, job: dict) -> None:
+    """The student's submission copied in, and a private gradebook with the definition and their earlier rows."""
+    from grading_engine.batch.gradebook import rows_from_json, seed_worker_gradebook
+
+    a, s = job["assignment"], job["student"]
+    submission = job.get("submission") or str(Path(private.setup["course_root"]) / "submitted" / s / a)
+    shutil.copytree(submission, private.folder("submitted_directory", s, a), symlinks=False)
+    shutil.copy2(private.setup["template_db"], private.db_path)
+    seed_worker_gradebook(private.db_path, private.app.coursedir.course_id, private.definition(a),
+                          rows_from_json(job.get("existing")))
+
+
+def autograde(app, assignment: str, student: str) -> dict:
+    """nbgrader's own Autograde converter for one student, with the app's configuration."""
+    from nbgrader.converters import Autograde
+    from nbgrader.utils import capture_log
+
+    from grading_engine.batch import timing
+
+    timing.EVENTS.clear()
+    app.coursedir.assignment_id = assignment
+    app.coursedir.student_id = student
+    converter = Autograde(coursedir=app.coursedir, parent=app)
+    converter.force = True
+    return capture_log(converter)
+
+
+def export(private: PrivateCourse, assignment: str, student: str, res: dict):
+    """Leave the results in ``out/`` for the merge: autograded folder, side records, log; return the rows."""
+    from grading_engine.batch.gradebook import engine, rows_to_json, submission_rows
+
+    db = engine(private_db_url(private.root))
+    try:
+        with db.connect() as conn:
+            rows = submission_rows(conn, assignment, student)
+    finally:
+        db.dispose()
+    out = private.out
+    graded = private.folder("autograded_directory", student, assignment)
+    if graded.exists():
+        graded.rename(out / "autograded")
+    for k, pattern in enumerate(SIDE_FILES):  # per-submission records of the course's own preprocessors
+        side = private.root / pattern.format(assignment=assignment, student=student)
+        if side.is_file():
+            (out / "side").mkdir(exist_ok=True)
+            side.rename(out / "side" / str(k))
+    (out / "autograde.log").write_text(res.get("log", "") + ("\n" + res["error"] if "error" in res else ""))
+    return rows_to_json(rows)
 
 
 _EXC = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(: .*)?$")
