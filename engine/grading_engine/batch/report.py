@@ -143,23 +143,63 @@ def _figures(d: AssignmentData):
     ax.set_title(f"{d.name}: {len(graded)} graded" + (f", {failed} could not be graded" if failed else ""))
     fig1.tight_layout()
 
-    qs = d.questions
-    h = max(2.5, 0.28 * len(qs) + 1.2)
-    fig2, ax2 = plt.subplots(figsize=(8, h), dpi=110)
-    labels = [q.label for q in qs]
+    fig2 = _questions_figure(d, plt)
+    return fig1, fig2
+
+
+def worst_first(questions: list[Question]) -> list[Question]:
+    """Lowest pass rate first (then lowest mean share of points); questions nobody was graded on last."""
+    graded = [q for q in questions if q.scores]
+    return sorted(graded, key=lambda q: (q.pass_rate, q.mean_fraction)) + [q for q in questions if not q.scores]
+
+
+def short_names(notebooks: list[str]) -> dict[str, str]:
+    """For each notebook, the shortest leading run of its ``_``-separated words that no other notebook shares
+    (``ex01_embedding_lookup`` -> ``ex01``)."""
+    out = {}
+    for nb in notebooks:
+        words = nb.split("_")
+        for n in range(1, len(words) + 1):
+            tag = "_".join(words[:n])
+            if not any(o != nb and (o == tag or o.startswith(tag + "_")) for o in notebooks):
+                break
+        out[nb] = tag
+    return out
+
+
+def _questions_figure(d: AssignmentData, plt):
+    """Pass rate per autograded question, worst at the top; the notebook is named once (in the title) when
+    there is one, else by a short tag before each question."""
+    import textwrap
+
+    qs = worst_first(d.questions)
+    notebooks = list(dict.fromkeys(q.notebook for q in d.questions))
+    tags = short_names(notebooks)
+    labels = [q.name if len(notebooks) == 1 else f"{tags[q.notebook]}  {q.name}" for q in qs]
     rates = [100.0 * q.pass_rate if q.scores else 0.0 for q in qs]
     colors = ["#C44E52" if r < 50 else ("#DD8452" if r < 80 else "#55A868") for r in rates]
-    y = list(range(len(qs)))[::-1]
-    ax2.barh(y, rates, color=colors)
-    ax2.set_yticks(y)
-    ax2.set_yticklabels(labels, fontsize=7)
-    ax2.set_xlim(0, 100)
-    ax2.set_xlabel("students with full points (%)")
-    ax2.set_title(f"{d.name}: pass rate per autograded question (red: under half the class)")
-    for yi, r in zip(y, rates):
-        ax2.text(min(r + 1, 92), yi, f"{r:.0f}%", va="center", fontsize=7)
-    fig2.tight_layout()
-    return fig1, fig2
+    fig, ax = plt.subplots(figsize=(8, max(2.8, 0.26 * len(qs) + 1.6)), dpi=110, layout="constrained")
+    y = list(range(len(qs)))[::-1]  # the first (worst) at the top
+    ax.barh(y, rates, color=colors)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(-0.6, len(qs) - 0.4)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("students with full points (%)")
+    what = notebooks[0] if len(notebooks) == 1 else f"{d.name} ({len(notebooks)} notebooks)"
+    ax.set_title("\n".join(textwrap.wrap(f"{what}: pass rate per autograded question, worst first", 70)),
+                 loc="left", fontsize=10)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="#C44E52", label="under 50%"), Patch(color="#DD8452", label="50-79%"),
+                        Patch(color="#55A868", label="80% or more")],
+               fontsize=7, loc="outside lower center", ncols=3, frameon=False)
+    for yi, r, q in zip(y, rates, qs):
+        text = f"{r:.0f}%" if q.scores else "not graded"
+        inside = r > 88
+        ax.text(r - 1 if inside else r + 1, yi, text, va="center", ha="right" if inside else "left", fontsize=7,
+                color="white" if inside else "#222")
+    return fig
 
 
 def _png(fig) -> bytes:

