@@ -19,8 +19,8 @@ import textwrap
 import nbformat
 import pytest
 import torch
-from grading_engine.evidence.instrument import instrument_cell, notebook_taint, plan_cell
 from grading_engine.evidence import judge as judge_module
+from grading_engine.evidence.instrument import instrument_cell, notebook_taint, plan_cell
 from grading_engine.evidence.judge import judge_cell, same_value
 from grading_engine.evidence.reference import assert_plans, role
 from grading_engine.evidence.scan import scan_code

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from grading_engine.evidence.judge import Arr, Const, Opaque, Seq, SetVal, TypeVal, decode, py
 from grading_engine.kernel import probe
 from grading_engine.protocol import EVIDENCE_MIME, Flag, FlagKind, FlagSource, ValueTag
