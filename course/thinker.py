@@ -188,7 +188,7 @@ class ThinkerLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     @classmethod
-    def from_config(cls, config: dict) -> "ThinkerLM":
+    def from_config(cls, config: dict) -> ThinkerLM:
         """Build an (untrained) model from a config dict, e.g. ``checkpoint["config"]``."""
         return cls(**config)
 
