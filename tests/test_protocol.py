@@ -115,3 +115,50 @@ def test_flag_kinds_have_their_sentences_and_survive_json():
         flag = Flag(kind, FlagSource.EVIDENCE, "detail", "cell 3")
         assert Flag.from_json(json.loads(json.dumps(flag.to_json()))) == flag
     assert EVIDENCE_MIME.startswith("application/") and EVIDENCE_MIME.endswith("+json")
+
+
+# ------------------------------------------------------------------ warm kernels: launcher <-> fork server
+
+def _request(**changes):
+    from grading_engine.protocol import WarmRequest
+
+    fields = dict(kernel_id="123-ab_c", workdir_name="ex01", env={"HOME": "/home/student"},
+                  rlimits={"RLIMIT_AS": (2**32, 2**32)}, tmp_mb=512, kernel_args=["-f", "/run/kernel/c.json"],
+                  preload=["numpy", "torch"], watch=[], uid=200_123)
+    fields.update(changes)
+    return WarmRequest(**fields)
+
+
+def test_a_warm_request_survives_the_wire():
+    from grading_engine.protocol import WarmRequest
+
+    for req in (_request(), _request(uid=None, preload=None, watch=["course"])):
+        assert WarmRequest.from_bytes(req.to_bytes()) == req
+
+
+@pytest.mark.parametrize("change", [
+    {"kernel_id": "../other"}, {"kernel_id": ""}, {"workdir_name": ".."}, {"workdir_name": "a/b"},
+    {"rlimits": {"AS": (1, 1)}}, {"rlimits": {"RLIMIT_AS": (1.5, 2)}}, {"uid": "0"}, {"env": {"A": 1}},
+    {"kernel_args": "-f x"}, {"tmp_mb": True},
+])
+def test_the_server_refuses_a_malformed_request(change):
+    from grading_engine.protocol import WarmRequest
+
+    with pytest.raises(ValueError):
+        WarmRequest.from_bytes(_request(**change).to_bytes())
+    d = json.loads(_request().to_bytes())
+    d["extra"] = 1
+    with pytest.raises(ValueError):
+        WarmRequest.from_bytes(json.dumps(d).encode())
+
+
+def test_warm_replies_survive_the_wire():
+    from grading_engine.protocol import WarmEvent, WarmReply
+
+    for event in WarmEvent:
+        reply = WarmReply(event, 3, "why")
+        assert WarmReply.from_bytes(reply.to_bytes()) == reply
+    for bad in (b'{"event": "done", "code": 0, "detail": ""}', b'{"event": "exited", "code": "0", "detail": ""}',
+                b"[]"):
+        with pytest.raises(ValueError):
+            WarmReply.from_bytes(bad)

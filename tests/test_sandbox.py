@@ -224,3 +224,44 @@ def test_the_walls_hold():
     failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
     assert not failed, "\n".join(failed)
     print(f"sandbox kernel start: {start:.1f} s")
+
+
+@needs_sandbox
+def test_warm_kernels_hold_the_same_walls():
+    """A kernel forked by the warm server inside the sandbox: the same checks as a cold sandbox's."""
+    from grading_engine.sandbox.selftest import run_checks
+
+    checks, start = run_checks(nproc=48, memory_mb=1024, warm=True)
+    failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+    assert not failed, "\n".join(failed)
+    assert any(c.name == "forked by the warm server" for c in checks)
+
+
+@needs_sandbox
+def test_kernels_of_one_warm_server_are_isolated_from_each_other():
+    """Files, patched modules, environment and signal handlers of one kernel are absent in the next; a kernel
+    cannot signal or read the server or its sibling; one that exhausts its limits harms neither."""
+    from grading_engine.sandbox.selftest import run_sibling_checks
+
+    checks = run_sibling_checks(nproc=48, memory_mb=1024)
+    failed = [f"{c.name}: {c.detail}" for c in checks if not c.ok]
+    assert len(checks) == 5 and not failed, "\n".join(failed)
+
+
+@needs_sandbox
+def test_without_its_warm_server_a_kernel_gets_a_cold_sandbox_and_says_so(tmp_path):
+    from grading_engine.sandbox.kernel import launcher_arguments
+    from grading_engine.sandbox.selftest import SandboxKernel, check_settings
+
+    (tmp_path / "gone" / "k").mkdir(parents=True)  # a server's folder whose server has died
+    args = launcher_arguments(check_settings()) + ["--warm", str(tmp_path / "gone" / "server.sock")]
+    work = tmp_path / "work"
+    work.mkdir()
+    k = SandboxKernel(work, launcher_args=args)
+    try:
+        out, err = k.run("import os; print(os.getuid())")
+        assert err is None and out.strip() != "0"
+        cold = [e for e in k.audit() if e.get("e") == "sandbox.cold"]
+        assert cold and "did not answer" in cold[0]["a"][0], k.audit()[:5]
+    finally:
+        k.close()

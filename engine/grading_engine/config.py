@@ -95,6 +95,14 @@ class GradingEngine(Configurable):
              "`sandbox` both False, nbgrader autograde is stock nbgrader.",
     ).tag(config=True)
 
+    warm_kernels = EnvBool(
+        True, "COURSE_SANDBOX_WARM",
+        help="Fork the sandboxed kernels from one server per grading process (one sandbox, started once, "
+             "with the setup cells' imports done once); each kernel still gets walls of its own: namespaces, "
+             "a private /tmp and folder, its own uid when run as root, its limits, no capabilities. False: a "
+             "fresh sandbox per notebook (slower, the same walls).",
+    ).tag(config=True)
+
     # -- the sandbox limits (defaults: those of grading_engine.sandbox.bwrap.Limits)
     memory_mb = EnvInteger(4096, "COURSE_SANDBOX_MEMORY_MB",
                            help="Address space of each process in the sandbox, in MB (RLIMIT_AS).").tag(config=True)

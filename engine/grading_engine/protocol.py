@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from enum import Enum, StrEnum
 
 EVIDENCE_MIME = "application/vnd.course.evidence+json"
@@ -104,3 +105,85 @@ class Flag:
     @classmethod
     def from_json(cls, d: dict) -> Flag:
         return cls(FlagKind(d["kind"]), FlagSource(d["source"]), d.get("detail", ""), d.get("where", ""))
+
+
+# --------------------------------------------------------------------------- warm kernels
+# The launcher of a kernel (outside the sandbox) asks the fork server inside it
+# (grading_engine.kernel.warm) for one kernel: one WarmRequest, as one SOCK_SEQPACKET message, with the
+# kernel's stdout, stderr and audit pipe as SCM_RIGHTS; the server's child answers with WarmReply messages.
+
+SANDBOX_HOME = "/home/student"
+"""The kernel's ``$HOME`` inside the sandbox; the copy of the notebook's folder is a folder of it."""
+SANDBOX_RUN = "/run/kernel"
+"""The kernel's connection file and sockets inside the sandbox."""
+WARM_DIR = "/run/warm"
+"""Where the fork server sees its host folder: its socket and one folder per kernel (``k/<id>``)."""
+WARM_SOCKET = "server.sock"
+WARM_KERNELS = "k"
+
+
+@dataclass(frozen=True)
+class WarmRequest:
+    """One kernel, from the launcher. ``kernel_id`` names its folder ``k/<id>`` (``home``, ``run``,
+    ``etc``) made and filled by the launcher; ``uid`` is the uid to drop to when the server runs as root
+    (None: keep the server's); ``rlimits`` maps ``resource.RLIMIT_*`` names to (soft, hard)."""
+
+    kernel_id: str
+    workdir_name: str
+    env: dict[str, str]
+    rlimits: dict[str, tuple[int, int]]
+    tmp_mb: int
+    kernel_args: list[str]
+    preload: list[str] | None
+    watch: list[str]
+    uid: int | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WarmRequest:
+        """The request, checked field by field (an unknown or mistyped field is an error)."""
+        d = json.loads(data)
+        names = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise ValueError(f"warm request: expected the fields {sorted(names)}, got {sorted(d) if isinstance(d, dict) else d!r}")
+        ok = (isinstance(d["kernel_id"], str) and d["kernel_id"] != ""
+              and all(c.isalnum() or c in "-_" for c in d["kernel_id"])
+              and isinstance(d["workdir_name"], str) and "/" not in d["workdir_name"] and d["workdir_name"] not in ("", ".", "..")
+              and isinstance(d["env"], dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d["env"].items())
+              and isinstance(d["rlimits"], dict) and all(
+                  k.startswith("RLIMIT_") and isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
+                  for k, v in d["rlimits"].items())
+              and type(d["tmp_mb"]) is int and isinstance(d["kernel_args"], list)
+              and all(isinstance(a, str) for a in d["kernel_args"])
+              and (d["preload"] is None or all(isinstance(m, str) for m in d["preload"]))
+              and all(isinstance(m, str) for m in d["watch"]) and (d["uid"] is None or type(d["uid"]) is int))
+        if not ok:
+            raise ValueError(f"warm request: a field has the wrong type or value: {data[:300]!r}")
+        d["rlimits"] = {k: (v[0], v[1]) for k, v in d["rlimits"].items()}
+        return cls(**d)
+
+
+class WarmEvent(StrEnum):
+    STARTED = "started"  # sent by the kernel process itself (its credentials give the launcher its pid)
+    FAILED = "failed"  # the child could not set up its walls: the launcher starts a cold sandbox instead
+    EXITED = "exited"  # the kernel process ended, with its exit code
+
+
+@dataclass(frozen=True)
+class WarmReply:
+    event: WarmEvent
+    code: int = 0
+    detail: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"event": self.event.value, "code": self.code, "detail": self.detail}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WarmReply:
+        d = json.loads(data)
+        if not isinstance(d, dict) or set(d) != {"event", "code", "detail"} or type(d["code"]) is not int \
+                or not isinstance(d["detail"], str):
+            raise ValueError(f"warm reply: unexpected message {data[:200]!r}")
+        return cls(WarmEvent(d["event"]), d["code"], d["detail"])

@@ -198,13 +198,20 @@ def _versions() -> str:
     return "|".join(parts)
 
 
+ENGINE = Path(__file__).resolve().parents[1]
+# The instrumentation as this process imported it (read once, now): a long-lived grading process whose
+# files are edited under it keeps running the old code, so it must keep filing evidence under the old key.
+_INSTRUMENT = (ENGINE / "evidence" / "instrument.py").read_bytes()
+KERNEL_PARTS = ("kernel/probe.py", "kernel/audit.py", "kernel/inner.py", "kernel/warm.py", "protocol.py")
+
+
 def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
     h.update(_versions().encode())
-    engine = Path(__file__).resolve().parents[1]
-    for part in ("evidence/instrument.py", "kernel/probe.py", "kernel/audit.py", "protocol.py"):
-        h.update((engine / part).read_bytes())
+    h.update(_INSTRUMENT)
+    for part in KERNEL_PARTS:  # read by each kernel (or warm server) when it starts: as on disk now
+        h.update((ENGINE / part).read_bytes())
     h.update(json.dumps([[c.cell_type, c.source, nbg(c)] for c in ref.cells], sort_keys=True).encode())
     if sandboxed is None:
         from grading_engine.config import GradingEngine

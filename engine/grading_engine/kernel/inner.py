@@ -28,17 +28,23 @@ def _names(text: str) -> list[str]:
 
 def main() -> None:
     args, kernel_args = parse_args(sys.argv[1:])
+    run(args.audit_fd, None if args.preload is None else _names(args.preload), _names(args.watch), kernel_args)
+
+
+def run(audit_fd: int, preload: list[str] | None, watch: list[str], kernel_args: list[str]) -> None:
+    """Audit hook, preloads, the probe's snapshot, then ipykernel: a cold kernel and a warm one
+    (:mod:`grading_engine.kernel.warm`, whose server imported the preloads already) do exactly this."""
     from grading_engine.kernel import audit
 
-    audit.install(args.audit_fd)
+    audit.install(audit_fd)
     from grading_engine.kernel import probe
 
-    extra = [m for m in _names(args.watch) if m not in probe.WATCH_MODULES]
+    extra = [m for m in watch if m not in probe.WATCH_MODULES]
     probe.WATCH_MODULES = probe.WATCH_MODULES + tuple(extra)  # read when the probe records the state
-    if args.preload is None:
+    if preload is None:
         probe.preload()
     else:
-        for name in _names(args.preload):
+        for name in preload:
             try:
                 __import__(name)
             except Exception:  # noqa: BLE001 - a module that is not installed is skipped, as probe.preload does

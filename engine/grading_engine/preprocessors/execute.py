@@ -41,7 +41,7 @@ from nbgrader.preprocessors import Execute
 from traitlets import Integer, Unicode
 
 from grading_engine.config import GradingEngine
-from grading_engine.sandbox import KERNEL_NAME, OPT_OUT_WARNING, REFUSAL
+from grading_engine.sandbox import KERNEL_NAME, OPT_OUT_WARNING, REFUSAL, warm
 from grading_engine.sandbox.kernel import launcher_arguments
 
 RESOURCE_KEY = "course_integrity"
@@ -109,6 +109,9 @@ class SandboxedExecute(Execute):
         if self.kernel_name == KERNEL_NAME:
             ensure_kernelspec(settings.sandbox_packages, settings.bwrap)
             self._launcher_args = launcher_arguments(settings)
+            server = warm.server_for(settings, nb, self.log)
+            if server is not None:
+                self._launcher_args += ["--warm", str(server)]
         self._reset_counts(settings)
         self._events: list[dict] = []
         self._runtime = Path(tempfile.mkdtemp(prefix="cs-"))

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SANDBOX_HOME = "/home/student"
-SANDBOX_RUN = "/run/kernel"
+from grading_engine.protocol import SANDBOX_HOME, SANDBOX_RUN, WARM_DIR  # names both sides use
+
 UID_BASE = 200_000  # root: each kernel runs as UID_BASE + launcher pid (unique among live kernels)
 
 
@@ -212,8 +212,8 @@ def build_command(
     inner: list[str],
     *,
     workdir_name: str,
-    home_dir: Path,
-    run_dir: Path,
+    home_dir: Path | None,
+    run_dir: Path | None,
     etc_dir: Path,
     env: dict[str, str],
     uid: int | None,
@@ -221,6 +221,7 @@ def build_command(
     info_fd: int | None = None,
     packages: Sequence[str] = (),
     bwrap: str | None = None,
+    warm_dir: Path | None = None,
 ) -> list[str]:
     """The ``bwrap`` argv that runs ``inner`` in the sandbox.
 
@@ -229,13 +230,18 @@ def build_command(
     kernel's sockets and connection file) ``/run/kernel``; ``etc_dir`` holds a
     private ``passwd`` and ``group``. ``uid`` is the unprivileged uid to drop
     to when running as root (``None`` otherwise); ``bwrap`` the binary's choice (:func:`resolve_bwrap`).
+
+    With ``warm_dir`` it is the sandbox of a fork server (:mod:`grading_engine.kernel.warm`) instead:
+    ``warm_dir`` becomes ``/run/warm``, the places each kernel mounts its own folders on are empty, the
+    server starts in ``/`` and keeps what it needs to give each kernel its own uid when run as root (its
+    kernels drop every privilege themselves); ``home_dir``, ``run_dir`` and ``uid`` are not used.
     """
     bw = resolve_bwrap(bwrap)
     if bw.path is None:
         raise FileNotFoundError(f"bwrap: {bw.why}")
     cmd = [bw.path, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
            "--hostname", "sandbox", "--die-with-parent", "--new-session"]
-    if uid is None:
+    if uid is None and not (warm_dir is not None and is_root()):
         cmd += ["--unshare-user"]
     else:
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
@@ -267,63 +273,33 @@ def build_command(
             continue
         cmd += _dirs_for(root) + ["--ro-bind", str(root), str(root)]
         mounted.append(root)
-    cmd += _dirs_for(Path(SANDBOX_HOME)) + ["--bind", str(home_dir), SANDBOX_HOME]
-    cmd += _dirs_for(Path(SANDBOX_RUN)) + ["--bind", str(run_dir), SANDBOX_RUN]
-    cmd += ["--chdir", f"{SANDBOX_HOME}/{workdir_name}", "--clearenv"]
+    if warm_dir is not None:
+        cmd += _dirs_for(Path(SANDBOX_HOME)) + ["--dir", SANDBOX_HOME]
+        cmd += _dirs_for(Path(SANDBOX_RUN)) + ["--dir", SANDBOX_RUN]
+        cmd += _dirs_for(Path(WARM_DIR)) + ["--bind", str(warm_dir), WARM_DIR, "--chdir", "/"]
+    else:
+        cmd += _dirs_for(Path(SANDBOX_HOME)) + ["--bind", str(home_dir), SANDBOX_HOME]
+        cmd += _dirs_for(Path(SANDBOX_RUN)) + ["--bind", str(run_dir), SANDBOX_RUN]
+        cmd += ["--chdir", f"{SANDBOX_HOME}/{workdir_name}"]
+    cmd += ["--clearenv"]
     for k, v in sorted(env.items()):
         cmd += ["--setenv", k, v]
     cmd += ["--"]
-    if uid is not None:
+    if uid is not None and warm_dir is None:
         cmd += drop_privileges_command(uid)
     return cmd + inner
 
 
 # Run as root, bubblewrap leaves the sandbox's first process uid 0 with CAP_SETUID, CAP_SETGID and
-# CAP_SETPCAP (what the drop needs). This stdlib-only step (it replaces util-linux's setpriv) empties the
-# capability bounding and ambient sets, takes the kernel's own uid and gid with no supplementary groups,
-# empties the inheritable set, sets no_new_privs, checks in /proc/self/status that all of it holds (else
-# exits 126: fail closed), and only then execs the kernel. Started with -I -S: nothing of site runs as root.
-DROP_PRIVILEGES = r"""
-import ctypes, os, sys
-uid = int(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-def prctl(*args):
-    if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl{args}")
-try:
-    last = int(open("/proc/sys/kernel/cap_last_cap").read())
-except (OSError, ValueError):
-    last = 63
-try:
-    for cap in range(last + 1):
-        prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:  # _LINUX_CAPABILITY_VERSION_3
-        raise OSError(ctypes.get_errno(), "capset")
-    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-except OSError as exc:
-    sys.exit(f"[course-sandbox] cannot drop privileges: {exc}")
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-want = {"Uid": [str(uid)] * 4, "Gid": [str(uid)] * 4, "Groups": [], "NoNewPrivs": ["1"],
-        **{k: [format(0, "016x")] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}}
-wrong = {k: status.get(k, "").split() for k, v in want.items() if status.get(k, "").split() != v}
-if wrong:
-    print(f"[course-sandbox] privileges not dropped, refusing to run: {wrong}", file=sys.stderr)
-    os._exit(126)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
+# CAP_SETPCAP (what the drop needs). The kernel side's privileges.py, run as a script with -I -S (nothing of
+# site runs as root), drops them all, checks in /proc/self/status that the drop holds (else exits 126: fail
+# closed), and only then execs the kernel. It replaces util-linux's setpriv.
+PRIVILEGES_SCRIPT = ENGINE_DIR / "kernel" / "privileges.py"
 
 
 def drop_privileges_command(uid: int) -> list[str]:
     """The argv prefix that drops root to ``uid`` (no capabilities, no_new_privs) and execs the rest."""
-    return [sys.executable, "-I", "-S", "-c", DROP_PRIVILEGES, str(uid)]
+    return [sys.executable, "-I", "-S", str(PRIVILEGES_SCRIPT), str(uid)]
 
 
 def sandbox_env(limits: Limits, extra: dict[str, str] | None = None, packages: Sequence[str] = ()) -> dict[str, str]:
@@ -500,10 +476,13 @@ class Cgroups:
 
     def join(self) -> None:
         """In the child, before exec: move this process (and so the whole sandbox) into the cgroups."""
-        pid = str(os.getpid())
+        self.add(os.getpid())
+
+    def add(self, pid: int) -> None:
+        """Move a running process (a warm kernel, with what it starts later) into the cgroups."""
         for d in self.dirs:
             try:
-                (d / "cgroup.procs").write_text(pid)
+                (d / "cgroup.procs").write_text(str(pid))
             except OSError:
                 pass
 

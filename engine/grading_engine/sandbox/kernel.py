@@ -48,6 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from grading_engine.protocol import WARM_KERNELS, WarmEvent, WarmReply, WarmRequest
 from grading_engine.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT
 from grading_engine.sandbox.bwrap import (
     SANDBOX_RUN,
@@ -61,6 +62,7 @@ from grading_engine.sandbox.bwrap import (
     write_etc,
 )
 
+WARM_START_TIMEOUT = 60.0  # seconds for a warm kernel's walls (a fork, a few mounts: milliseconds)
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 AUDIT_MAX_BYTES = 4 * 1024 * 1024
 
@@ -217,6 +219,7 @@ class LaunchArgs:
     preload: list[str] | None  # None: the kernel's own default
     watch: list[str]
     kernel_args: list[str]  # the rest, for ipykernel
+    warm: str | None = None  # the socket of a warm kernel server (grading_engine.sandbox.warm)
 
 
 def _modules(text: str | None) -> list[str] | None:
@@ -234,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> LaunchArgs:
     ap.add_argument("--limits", type=Limits.from_json, default=None, help="the sandbox limits, as JSON")
     ap.add_argument("--preload", default=None, help="modules the kernel imports before student code")
     ap.add_argument("--watch", default=None, help="modules whose functions the probe also watches")
+    ap.add_argument("--warm", default=None, help="socket of the grading process's warm kernel server")
     args, extra = ap.parse_known_args(argv)
     defaults = None
     if args.sandbox is None or args.limits is None:  # not started by the grader: the settings' defaults
@@ -249,6 +253,7 @@ def parse_args(argv: list[str] | None = None) -> LaunchArgs:
         preload=_modules(args.preload),
         watch=_modules(args.watch) or [],
         kernel_args=extra,
+        warm=args.warm,
     )
 
 
@@ -262,14 +267,57 @@ def inner_command(args: LaunchArgs, audit_fd: int, connection_file: str) -> list
     return cmd + ["-f", connection_file, *args.kernel_args]
 
 
+@dataclass
+class Prepared:
+    """A kernel's private folder (``home``, ``run``, ``etc``), made and filled by the launcher."""
+
+    work: Path
+    name: str  # the notebook folder's name under home
+    uid: int | None  # root: the kernel's own uid
+    links: list[Path]
+
+
+def prepare(args: LaunchArgs, info: dict, sink: AuditSink, parent: Path | None) -> Prepared:
+    """Make the kernel's folder (in ``parent``: a warm server's kernel folders; else /tmp) and fill it:
+    the copy of the notebook's folder, the connection file, passwd, and the client's socket links."""
+    from grading_engine.sandbox.bwrap import sweep_stale
+
+    sweep_stale(Path(tempfile.gettempdir()) if parent is None else parent, "course-sandbox-" if parent is None else "")
+    work = Path(tempfile.mkdtemp(prefix=f"course-sandbox-{os.getpid()}-" if parent is None else f"{os.getpid()}-",
+                                 dir=parent))
+    home, run, etc = work / "home", work / "run", work / "etc"
+    for d in (home, run, etc):
+        d.mkdir()
+    uid = UID_BASE + os.getpid() if is_root() else None
+    write_etc(etc, uid if uid is not None else os.getuid())
+    name = Path.cwd().name or "work"
+    for note in copy_workdir(Path.cwd(), home / name, args.limits.copy_mb * 1024 * 1024):
+        sink.write({"e": "sandbox.copy", "a": [note]})
+    mpl = matplotlib_cache()
+    if mpl is not None:
+        shutil.copytree(mpl, home / ".config" / "matplotlib", dirs_exist_ok=True)
+    (run / "connection.json").write_text(json.dumps(dict(info, ip=f"{SANDBOX_RUN}/k")))
+    os.chmod(run / "connection.json", 0o600)
+    if uid is not None:
+        chown_tree(home, uid)
+        chown_tree(run, uid)
+        if parent is not None:  # a warm kernel's supervisor, already this uid, mounts these itself
+            os.chown(work, uid, uid)
+    links = []
+    for key in PORT_KEYS:
+        link = Path(f"{info['ip']}-{info[key]}")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(run / f"k-{info[key]}")
+        links.append(link)
+    return Prepared(work, name, uid, links)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    conn_path = args.connection_file
-    info = json.loads(conn_path.read_text())
-    limits = args.limits
-    audit_file = audit_path_for(conn_path)
+    info = json.loads(args.connection_file.read_text())
     audit_r, audit_w = os.pipe()
-    sink = AuditSink(audit_r, audit_file)
+    sink = AuditSink(audit_r, audit_path_for(args.connection_file))
     sink.start()
     started = time.monotonic()
     state = {"proc": None, "init_pid": None, "reason": "exit", "kill": None, "interrupt": None}
@@ -288,130 +336,195 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_terminate)
 
     if not args.sandbox:
-        print(f"[course-sandbox] WARNING: {OPT_OUT_WARNING}", file=sys.stderr, flush=True)
-        sink.write({"e": SANDBOX_OPT_OUT_EVENT, "a": []})
-        env = dict(os.environ)
-        pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
-        env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.Popen(inner_command(args, audit_w, str(conn_path)), env=env, pass_fds=(audit_w,))
-        os.close(audit_w)
-        state["proc"] = proc
-        state["interrupt"] = lambda: proc.send_signal(signal.SIGINT)
-        state["kill"] = proc.kill
-        rc = _wait(proc, limits, started, state, proc.kill)
-        sink.join(timeout=5)
-        sink.close()
-        return rc
-
-    if info.get("transport") != "ipc":
+        rc = run_unsandboxed(args, audit_w, sink, state, started)
+    elif info.get("transport") != "ipc":
         print("[course-sandbox] the sandboxed kernel has no network, so it needs transport 'ipc' "
               "(the course's SandboxedExecute sets it); got " + repr(info.get("transport")),
               file=sys.stderr, flush=True)
         return 2
+    else:
+        rc = run_sandboxed(args, info, audit_w, sink, state, started)
+    sink.join(timeout=5)
+    sink.write({"e": "sandbox.exit", "a": [rc, state["reason"], round(time.monotonic() - started, 2)]})
+    sink.close()
+    return rc
 
-    from grading_engine.sandbox.bwrap import sweep_stale
 
-    sweep_stale(Path(tempfile.gettempdir()), "course-sandbox-")
-    work = Path(tempfile.mkdtemp(prefix=f"course-sandbox-{os.getpid()}-"))
-    links: list[Path] = []
+def run_unsandboxed(args: LaunchArgs, audit_w: int, sink: AuditSink, state: dict, started: float) -> int:
+    print(f"[course-sandbox] WARNING: {OPT_OUT_WARNING}", file=sys.stderr, flush=True)
+    sink.write({"e": SANDBOX_OPT_OUT_EVENT, "a": []})
+    env = dict(os.environ)
+    pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(inner_command(args, audit_w, str(args.connection_file)), env=env, pass_fds=(audit_w,))
+    os.close(audit_w)
+    state["proc"] = proc
+    state["interrupt"] = lambda: proc.send_signal(signal.SIGINT)
+    state["kill"] = proc.kill
+    return _wait(proc, args.limits, started, state, proc.kill)
+
+
+def run_sandboxed(args: LaunchArgs, info: dict, audit_w: int, sink: AuditSink, state: dict, started: float) -> int:
+    warm_socket = Path(args.warm) if args.warm else None
+    parent = warm_socket.parent / WARM_KERNELS if warm_socket is not None else None
+    if parent is not None and not parent.is_dir():
+        sink.write({"e": "sandbox.cold", "a": [f"no warm kernel server at {warm_socket}"]})
+        warm_socket = parent = None
+    prep = prepare(args, info, sink, parent)
+    cgroups = Cgroups(f"course-sandbox-{os.getpid()}", args.limits.total_mb, args.limits.nproc + 64)
+    sink.write({"e": "sandbox.cgroup", "a": ["on" if cgroups.active else "off"]})
     try:
-        home, run, etc = work / "home", work / "run", work / "etc"
-        for d in (home, run, etc):
-            d.mkdir()
-        uid = UID_BASE + os.getpid() if is_root() else None
-        write_etc(etc, uid if uid is not None else os.getuid())
-        cwd = Path.cwd()
-        name = cwd.name or "work"
-        notes = copy_workdir(cwd, home / name, limits.copy_mb * 1024 * 1024)
-        for note in notes:
-            sink.write({"e": "sandbox.copy", "a": [note]})
-        mpl = matplotlib_cache()
-        if mpl is not None:
-            shutil.copytree(mpl, home / ".config" / "matplotlib", dirs_exist_ok=True)
-        inner_conn = dict(info, ip=f"{SANDBOX_RUN}/k")
-        (run / "connection.json").write_text(json.dumps(inner_conn))
-        os.chmod(run / "connection.json", 0o600)
-        if uid is not None:
-            chown_tree(home, uid)
-            chown_tree(run, uid)
-        host_ip = info["ip"]
-        for key in PORT_KEYS:
-            port = info[key]
-            link = Path(f"{host_ip}-{port}")
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(run / f"k-{port}")
-            links.append(link)
-
-        info_r, info_w = os.pipe()
-        env = sandbox_env(limits, packages=args.packages)
-        cmd = build_command(inner_command(args, audit_w, f"{SANDBOX_RUN}/connection.json"), workdir_name=name,
-                            home_dir=home, run_dir=run, etc_dir=etc, env=env, uid=uid, limits=limits, packages=args.packages,
-                            info_fd=info_w, bwrap=args.bwrap)
-        limit_values = rlimits(limits, uid)
-        cgroups = Cgroups(f"course-sandbox-{os.getpid()}", limits.total_mb, limits.nproc + 64)
-        state["cgroups"] = cgroups
-        sink.write({"e": "sandbox.cgroup", "a": ["on" if cgroups.active else "off"]})
-
-        def preexec() -> None:
-            import resource
-
-            cgroups.join()
-            os.umask(0o022)
-            for res, val in limit_values.items():
-                try:
-                    resource.setrlimit(res, val)
-                except (ValueError, OSError):
-                    pass
-
-        proc = subprocess.Popen(cmd, pass_fds=(audit_w, info_w), start_new_session=True, preexec_fn=preexec,
-                                stdin=subprocess.DEVNULL)
-        os.close(audit_w)
-        os.close(info_w)
-        state["proc"] = proc
-
-        def read_info() -> None:
-            with os.fdopen(info_r, "rb") as fh:
-                data = fh.read()
-            try:
-                state["init_pid"] = json.loads(data.decode() or "{}").get("child-pid")
-            except ValueError:
-                pass
-
-        threading.Thread(target=read_info, daemon=True).start()
-
-        def kill_sandbox() -> None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-        def interrupt() -> None:
-            pid = kernel_pid(state["init_pid"])
-            if pid:
-                try:
-                    os.kill(pid, signal.SIGINT)
-                except OSError:
-                    pass
-
-        state["interrupt"] = interrupt
-        state["kill"] = kill_sandbox
-        rc = _wait(proc, limits, started, state, kill_sandbox)
-        sink.join(timeout=5)
+        rc = None
+        if warm_socket is not None:
+            rc, why = run_warm(args, prep, warm_socket, audit_w, cgroups, state, started)
+            if rc is None:
+                print(f"[course-sandbox] WARNING: no warm kernel ({why}); starting a fresh sandbox",
+                      file=sys.stderr, flush=True)
+                sink.write({"e": "sandbox.cold", "a": [why]})
+        if rc is None:
+            rc = run_cold(args, prep, audit_w, cgroups, state, started)
         if cgroups.oom_kills():
-            sink.write({"e": "sandbox.oom", "a": [cgroups.oom_kills(), limits.total_mb]})
-        sink.write({"e": "sandbox.exit", "a": [rc, state["reason"], round(time.monotonic() - started, 2)]})
-        sink.close()
+            sink.write({"e": "sandbox.oom", "a": [cgroups.oom_kills(), args.limits.total_mb]})
         return rc
     finally:
-        if state.get("cgroups") is not None:
-            state["cgroups"].remove()
-        for link in links:
+        cgroups.remove()
+        for link in prep.links:
             try:
                 link.unlink()
             except OSError:
                 pass
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(prep.work, ignore_errors=True)
+
+
+def warm_request(args: LaunchArgs, prep: Prepared) -> WarmRequest:
+    import resource
+
+    names = {getattr(resource, n): n for n in dir(resource) if n.startswith("RLIMIT_")}
+    return WarmRequest(
+        kernel_id=prep.work.name, workdir_name=prep.name, env=sandbox_env(args.limits, packages=args.packages),
+        rlimits={names[r]: v for r, v in rlimits(args.limits, prep.uid).items()}, tmp_mb=args.limits.tmp_mb,
+        kernel_args=["-f", f"{SANDBOX_RUN}/connection.json", *args.kernel_args], preload=args.preload,
+        watch=args.watch, uid=prep.uid)
+
+
+def run_warm(args: LaunchArgs, prep: Prepared, server: Path, audit_w: int, cgroups: Cgroups, state: dict,
+             started: float) -> tuple[int | None, str]:
+    """Ask the server for the kernel and follow it to its end: (exit code, "") or (None, why not)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the kernel's own message gives its pid
+    try:
+        sock.settimeout(10)
+        sock.connect(str(server))
+        socket.send_fds(sock, [warm_request(args, prep).to_bytes()], [1, 2, audit_w])
+        sock.settimeout(WARM_START_TIMEOUT)
+        reply, pid = _recv_reply(sock)
+    except (OSError, ValueError) as exc:
+        sock.close()
+        return None, f"the server did not answer: {exc}"
+    if reply.event is not WarmEvent.STARTED or not pid:
+        sock.close()
+        return None, reply.detail or f"the server answered {reply.event.value}"
+    os.close(audit_w)
+    cgroups.add(pid)
+
+    def signal_kernel(sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+    state["interrupt"] = lambda: signal_kernel(signal.SIGINT)
+    state["kill"] = lambda: signal_kernel(signal.SIGKILL)
+    deadline = started + args.limits.wall_s
+    sock.settimeout(1.0)
+    while True:
+        try:
+            reply, _ = _recv_reply(sock)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                state["reason"] = f"wall-clock limit {args.limits.wall_s} s"
+                signal_kernel(signal.SIGKILL)
+            continue
+        except (OSError, ValueError):  # the supervisor is gone: so is the kernel (it dies with it)
+            signal_kernel(signal.SIGKILL)
+            sock.close()
+            return -9, ""
+        if reply.event is WarmEvent.EXITED:
+            sock.close()
+            return reply.code, ""
+
+
+def _recv_reply(sock) -> tuple[WarmReply, int | None]:
+    """One reply and the pid of the process that sent it (its credentials, in our pid namespace)."""
+    import socket
+    import struct
+
+    data, anc, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+    if not data:
+        raise OSError("connection closed")
+    pid = None
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = struct.unpack("3i", payload[:struct.calcsize("3i")])[0]
+    return WarmReply.from_bytes(data), pid
+
+
+def run_cold(args: LaunchArgs, prep: Prepared, audit_w: int, cgroups: Cgroups, state: dict, started: float) -> int:
+    """A fresh bubblewrap sandbox for this kernel alone."""
+    info_r, info_w = os.pipe()
+    env = sandbox_env(args.limits, packages=args.packages)
+    work = prep.work
+    cmd = build_command(inner_command(args, audit_w, f"{SANDBOX_RUN}/connection.json"), workdir_name=prep.name,
+                        home_dir=work / "home", run_dir=work / "run", etc_dir=work / "etc", env=env, uid=prep.uid,
+                        limits=args.limits, packages=args.packages, info_fd=info_w, bwrap=args.bwrap)
+    limit_values = rlimits(args.limits, prep.uid)
+
+    def preexec() -> None:
+        import resource
+
+        cgroups.join()
+        os.umask(0o022)
+        for res, val in limit_values.items():
+            try:
+                resource.setrlimit(res, val)
+            except (ValueError, OSError):
+                pass
+
+    proc = subprocess.Popen(cmd, pass_fds=(audit_w, info_w), start_new_session=True, preexec_fn=preexec,
+                            stdin=subprocess.DEVNULL)
+    os.close(audit_w)
+    os.close(info_w)
+    state["proc"] = proc
+
+    def read_info() -> None:
+        with os.fdopen(info_r, "rb") as fh:
+            data = fh.read()
+        try:
+            state["init_pid"] = json.loads(data.decode() or "{}").get("child-pid")
+        except ValueError:
+            pass
+
+    threading.Thread(target=read_info, daemon=True).start()
+
+    def kill_sandbox() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def interrupt() -> None:
+        pid = kernel_pid(state["init_pid"])
+        if pid:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except OSError:
+                pass
+
+    state["interrupt"] = interrupt
+    state["kill"] = kill_sandbox
+    return _wait(proc, args.limits, started, state, kill_sandbox)
 
 
 def _wait(proc: subprocess.Popen, limits: Limits, started: float, state: dict, kill) -> int:

@@ -75,8 +75,30 @@ class SandboxKernel:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
 
-def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None) -> tuple[list[Check], float]:
-    """The checks; ``bwrap`` overrides the kernelspec's choice of binary (the launcher's ``--bwrap``)."""
+def check_settings(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None, warm: bool = False):
+    """The engine's settings for a check: sandbox on, small limits, the installed kernelspec's packages."""
+    from grading_engine.config import GradingEngine
+    from grading_engine.sandbox.install import installed_bwrap, installed_packages
+
+    return GradingEngine(sandbox=True, nproc=nproc, memory_mb=memory_mb, warm_kernels=warm,
+                         bwrap=bwrap or installed_bwrap() or "bundled", sandbox_packages=installed_packages() or [])
+
+
+def kernel_arguments(settings) -> list[str]:
+    """What SandboxedExecute gives the launcher for these settings (a warm server's socket included)."""
+    from grading_engine.sandbox import warm
+    from grading_engine.sandbox.kernel import launcher_arguments
+
+    server = warm.server_for(settings)
+    if settings.warm_kernels and server is None:
+        raise RuntimeError("the warm kernel server did not start (see the warning above)")
+    return launcher_arguments(settings) + (["--warm", str(server)] if server is not None else [])
+
+
+def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None,
+               warm: bool = False) -> tuple[list[Check], float]:
+    """The checks, in a cold sandbox or (``warm``) in a kernel forked by a warm server; ``bwrap``
+    overrides the kernelspec's choice of binary (the launcher's ``--bwrap``)."""
     from grading_engine.sandbox.bwrap import availability, package_mounts, python_roots
     from grading_engine.sandbox.install import installed_packages
 
@@ -86,15 +108,16 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None)
     if not ok:
         return [Check("bubblewrap starts", False, why)], 0.0
     checks = [Check("bubblewrap starts", True, why)]
-    env = dict(os.environ, COURSE_SANDBOX_NPROC=str(nproc), COURSE_SANDBOX_MEMORY_MB=str(memory_mb))
+    env = dict(os.environ)
     env.pop("COURSE_SANDBOX", None)
+    args = kernel_arguments(check_settings(nproc, memory_mb, bwrap, warm))
     with tempfile.TemporaryDirectory(prefix="course-sandbox-check-") as tmp:
         work = Path(tmp) / "work"
         (work / "assets").mkdir(parents=True)
         (work / "assets" / "data.txt").write_text("asset ok")
         secret = Path(tmp) / "secret.txt"
         secret.write_text("instructor only")
-        k = SandboxKernel(work, env, launcher_args=["--bwrap", bwrap] if bwrap else None)
+        k = SandboxKernel(work, env, launcher_args=args)
         try:
             out, err = k.run("import os; print(os.getuid(), os.getcwd(), open('assets/data.txt').read())")
             uid = int(out.split()[0]) if out else 0
@@ -145,9 +168,129 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None)
             k.run("try:\n    open('/srv/course-sandbox-probe')\nexcept OSError:\n    pass")
             events = [e for e in k.audit() if e.get("e") == "open"]
             checks.append(Check("audit events leave the kernel", bool(events), f"{len(k.audit())} events"))
+            cold = [e["a"][0] for e in k.audit() if e.get("e") == "sandbox.cold"]
+            if warm:
+                checks.append(Check("forked by the warm server", not cold, cold[0] if cold else "yes"))
         finally:
             k.close()
     return checks, k.start_seconds
+
+
+LEAVE_TRACES = r"""
+import os, signal, torch, sys
+for p in ('/tmp/trace', os.path.expanduser('~/trace'), 'trace', '/dev/shm/trace'):
+    open(p, 'w').write('left by the first kernel')
+tried = []
+for p in ('/trace', '/run/trace', '/dev/trace', '/etc/trace', '/run/warm/trace'):
+    try:
+        open(p, 'w').write('x'); tried.append(p)
+    except OSError:
+        pass
+torch.add = lambda *a, **k: 'patched'
+os.environ['TRACE'] = '1'
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+sys.modules['trace_module'] = sys
+print('writable elsewhere:', tried)
+"""
+
+LOOK_FOR_TRACES = r"""
+import os, signal, torch, sys
+seen = [p for p in ('/tmp/trace', os.path.expanduser('~/trace'), 'trace', '/dev/shm/trace', '/trace', '/run/trace',
+                    '/dev/trace', '/etc/trace') if os.path.exists(p)]
+seen += [x for x in ('TRACE',) if x in os.environ]
+seen += ['torch.add patched'] if torch.add(torch.ones(1), 1).tolist() != [2.0] else []
+seen += ['SIGUSR1 handler'] if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL else []
+seen += ['module'] if 'trace_module' in sys.modules else []
+print('traces:', seen)
+"""
+
+REACH_OTHERS = r"""
+import os, signal
+# /proc is the server's: its numbers name other processes there, and in our own pid namespace nothing but
+# (by chance) our own threads, numbered from 1 (the last field of their NSpid)
+own = {int(open(f'/proc/self/task/{t}/status').read().split('NSpid:')[1].split(chr(10))[0].split()[-1])
+       for t in os.listdir('/proc/self/task')}
+me = int(os.readlink('/proc/self'))
+pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != me]
+signalled, read = [], []
+for pid in pids:
+    try:  # by the process itself, not its number
+        fd = os.open(f'/proc/{pid}', os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL); signalled.append(f'{pid} (pidfd)')
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    if pid not in own:
+        try:
+            os.kill(pid, signal.SIGKILL); signalled.append(pid)
+        except OSError:
+            pass
+    for f in ('environ', 'mem', 'root/run/warm'):
+        try:
+            open(f'/proc/{pid}/{f}', 'rb').read(1) if f != 'root/run/warm' else os.listdir(f'/proc/{pid}/{f}')
+            read.append(f'{pid}/{f}')
+        except OSError:
+            pass
+print('signalled:', signalled, 'read:', read, 'of', len(pids))
+"""
+
+
+def run_sibling_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None) -> list[Check]:
+    """Two kernels of one warm server: nothing of the first reaches the second, neither can reach the other,
+    and a first kernel that exhausts its memory and process limits harms neither the server nor the next."""
+    from grading_engine.sandbox import warm
+
+    settings = check_settings(nproc, memory_mb, bwrap, warm=True)
+    args = kernel_arguments(settings)
+    checks: list[Check] = []
+    env = dict(os.environ)
+    env.pop("COURSE_SANDBOX", None)
+    with tempfile.TemporaryDirectory(prefix="course-sandbox-check-") as tmp:
+        work = Path(tmp) / "work"
+        work.mkdir()
+        first = SandboxKernel(work, env, launcher_args=args)
+        try:
+            out, err = first.run(LEAVE_TRACES)
+            checks.append(Check("a kernel cannot write outside its own places", err is None and "[]" in out,
+                                out.strip() or str(err)))
+            second = SandboxKernel(work, env, launcher_args=args)
+            try:
+                out, err = second.run(LOOK_FOR_TRACES)
+                checks.append(Check("nothing a kernel leaves (files, patches, env, signals) reaches the next",
+                                    out.strip() == "traces: []", out.strip() or str(err)))
+                out, err = second.run(REACH_OTHERS)
+                checks.append(Check("a kernel cannot signal or read the server or another kernel",
+                                    err is None and "signalled: [] read: []" in out, out.strip() or str(err)))
+                out, err = first.run("print('first alive')")
+                checks.append(Check("the other kernel is untouched", "first alive" in out, out.strip() or str(err)))
+            finally:
+                second.close()
+            first.run("import os, time\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30); os._exit(0)\n"
+                      "except OSError:\n    pass\ntry:\n    junk = [bytearray(2**26) for _ in range(10**4)]\nexcept MemoryError:\n"
+                      "    pass\nprint('exhausted')")
+        finally:
+            first.close()
+        third = SandboxKernel(work, env, launcher_args=args)
+        try:
+            out, err = third.run("import os; print('fork ok', os.fork() != 0 or os._exit(0))")
+            checks.append(Check("a kernel that exhausted its limits harms neither the server nor the next kernel",
+                                "fork ok" in out and warm.server_for(settings) is not None, out.strip() or str(err)))
+        finally:
+            third.close()
+    return checks
+
+
+def first_answer_seconds(settings, work: Path) -> float:
+    """From asking for a kernel to the result of its first cell."""
+    t0 = time.perf_counter()
+    k = SandboxKernel(work, launcher_args=kernel_arguments(settings))
+    try:
+        k.run("import torch; print(torch.ones(1).item())")
+        return time.perf_counter() - t0
+    finally:
+        k.close()
 
 
 def run_selftest(bwrap: str | None = None) -> int:
@@ -158,10 +301,18 @@ def run_selftest(bwrap: str | None = None) -> int:
     source = "--bwrap" if bwrap else "the kernelspec's --bwrap" if installed_bwrap() not in (None, "bundled") \
         else "default"
     print(f"bwrap: {chosen.describe()} [{chosen.choice}: {source}]")
-    checks, start = run_checks(bwrap=bwrap)
+    checks, _ = run_checks(bwrap=bwrap)
+    if checks[0].ok:
+        warm_checks, _ = run_checks(bwrap=bwrap, warm=True)
+        checks += [Check(f"warm: {c.name}", c.ok, c.detail) for c in warm_checks[1:]]
+        checks += [Check(f"warm: {c.name}", c.ok, c.detail) for c in run_sibling_checks(bwrap=bwrap)]
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{'OK  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}")
-    if start:
-        print(f"kernel start (sandbox, torch preloaded): {start:.1f} s")
+    if checks[0].ok:
+        with tempfile.TemporaryDirectory(prefix="course-sandbox-check-") as tmp:
+            cold = min(first_answer_seconds(check_settings(bwrap=bwrap), Path(tmp)) for _ in range(2))
+            warm = min(first_answer_seconds(check_settings(bwrap=bwrap, warm=True), Path(tmp)) for _ in range(3))
+        print(f"time to first answer (start a kernel, run `import torch`): cold sandbox {cold:.2f} s, "
+              f"warm {warm:.2f} s ({cold / warm:.1f}x)")
     return 0 if all(c.ok for c in checks) else 1

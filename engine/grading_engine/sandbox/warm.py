@@ -1,0 +1,206 @@
+"""Warm sandboxed kernels: one fork server inside the sandbox per grading process.
+
+A cold sandboxed kernel costs a bubblewrap, a new interpreter and ``import torch`` per notebook. With
+``GradingEngine.warm_kernels`` (the default), :class:`grading_engine.preprocessors.execute.SandboxedExecute`
+asks :func:`server_for` for a server when it first starts a kernel: one bubblewrap sandbox that runs
+:mod:`grading_engine.kernel.warm` and has imported ipykernel and what the notebooks' setup cells import.
+The kernel's launcher (:mod:`grading_engine.sandbox.kernel`, ``--warm SOCKET``) then asks the server for
+the kernel instead of starting bubblewrap; the server forks it behind walls of its own (namespaces,
+mounts, uid, limits: see :mod:`grading_engine.kernel.warm`). The server lives as long as the grading
+process (``nbgrader autograde``, a batch worker), dies with it, and is started again if it dies.
+
+When a server cannot start, or a kernel cannot get its walls from it, that kernel gets a fresh sandbox
+of its own, and the log says so (once per process for the server, in the kernel's audit for a kernel).
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grading_engine.protocol import WARM_DIR, WARM_KERNELS, WARM_SOCKET
+from grading_engine.sandbox.bwrap import Limits, build_command, sandbox_env, sweep_stale, write_etc
+
+START_TIMEOUT = 180.0  # seconds for the server's imports (torch) on a loaded machine
+ALWAYS_PRELOAD = ("IPython", "matplotlib_inline.backend_inline")
+
+
+class WarmUnavailable(RuntimeError):
+    """The fork server could not start; kernels get a fresh sandbox each."""
+
+
+def setup_imports(nb) -> list[str]:
+    """Modules imported at the top level of a notebook's setup cell (its first code cell)."""
+    code = next((c for c in nb.cells if c.cell_type == "code" and c.source.strip()), None)
+    if code is None:
+        return []
+    src = "\n".join(ln for ln in code.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return []
+    mods: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            mods += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            mods.append(node.module)
+    return list(dict.fromkeys(mods))
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    """What a server's sandbox depends on: a kernel uses the process's server only if all of it is equal."""
+
+    limits: str
+    packages: tuple[str, ...]
+    bwrap: str
+
+
+@dataclass
+class WarmServer:
+    key: ServerKey
+    dir: Path
+    proc: subprocess.Popen
+    info: dict = field(default_factory=dict)
+    started_s: float = 0.0
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / WARM_SOCKET
+
+    @property
+    def kernels(self) -> Path:
+        return self.dir / WARM_KERNELS
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and self.socket.exists()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                    s.settimeout(2)
+                    s.connect(str(self.socket))
+                    s.send(b"stop")
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, 9)
+                except OSError:
+                    pass
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_server(key: ServerKey, preload: list[str]) -> WarmServer:
+    """Start a fork server in its own sandbox, importing ``preload``, and wait for its "ready" line."""
+    limits = Limits.from_json(key.limits)
+    tmp = Path(tempfile.gettempdir())
+    sweep_stale(tmp, "course-warm-")
+    d = Path(tempfile.mkdtemp(prefix=f"course-warm-{os.getpid()}-"))
+    os.chmod(d, 0o711)  # each kernel reaches its own folder k/<id>, and lists nothing
+    (d / WARM_KERNELS).mkdir(mode=0o711)
+    etc = d / "etc"
+    etc.mkdir()
+    write_etc(etc, os.getuid())
+    cmd = build_command(
+        [sys.executable, "-P", "-m", "grading_engine.kernel.warm", "--socket", f"{WARM_DIR}/{WARM_SOCKET}",
+         "--preload", ",".join(preload)],
+        workdir_name="", home_dir=None, run_dir=None, etc_dir=etc, env=sandbox_env(limits, packages=key.packages),
+        uid=None, limits=limits, packages=key.packages, bwrap=key.bwrap, warm_dir=d)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
+    server = WarmServer(key, d, proc)
+    line = _first_line(proc, START_TIMEOUT)
+    try:
+        server.info = json.loads(line or "{}")
+    except ValueError:
+        server.info = {}
+    if not server.info.get("ready"):
+        server.stop()
+        why = server.info.get("error") or f"no ready line within {START_TIMEOUT:.0f} s (exit {proc.poll()})"
+        raise WarmUnavailable(f"the warm kernel server did not start: {why}")
+    server.started_s = time.monotonic() - t0
+    return server
+
+
+def _first_line(proc: subprocess.Popen, timeout: float) -> str:
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while b"\n" not in buf and time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    sel.close()
+    proc.stdout.close()  # the server writes nothing more there (it points its stdout at its stderr)
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
+
+
+_SERVERS: dict[ServerKey, WarmServer] = {}
+_FAILED: dict[ServerKey, str] = {}
+_LOCK = threading.Lock()
+
+
+def server_for(settings, nb=None, log=None) -> Path | None:
+    """The socket of this process's server for these settings (started when needed), or None.
+
+    ``nb``: the notebook about to be graded; when the server starts, it imports what that notebook's
+    setup cell imports (a later notebook that imports more imports the rest itself). None when warm
+    kernels are off or the server cannot start (said once, loudly, in ``log``).
+    """
+    if not (settings.sandbox and settings.warm_kernels):
+        return None
+    key = ServerKey(Limits.from_settings(settings).to_json(), tuple(settings.sandbox_packages),
+                    settings.bwrap or "bundled")
+    with _LOCK:
+        if key in _FAILED:
+            return None
+        server = _SERVERS.get(key)
+        if server is not None and not server.alive():
+            _SERVERS.pop(key).stop()
+            server = None
+        if server is None:
+            for other in list(_SERVERS):  # one server per process: one for other settings is stopped
+                _SERVERS.pop(other).stop()
+            preload = [*settings.preload, *ALWAYS_PRELOAD, *(setup_imports(nb) if nb is not None else [])]
+            try:
+                server = _SERVERS[key] = start_server(key, list(dict.fromkeys(preload)))
+            except (WarmUnavailable, OSError) as exc:
+                _FAILED[key] = str(exc)
+                msg = f"{exc}; every notebook gets a fresh sandbox instead (slower, as safe)"
+                (log.warning if log is not None else lambda m: print(f"WARNING: {m}", file=sys.stderr))(msg)
+                return None
+            if log is not None:
+                log.info("warm sandboxed kernels: server started in %.1f s (%s)", server.started_s,
+                         ", ".join(server.info.get("loaded", [])))
+        return server.socket
+
+
+def stop_all() -> None:
+    with _LOCK:
+        for k in list(_SERVERS):
+            _SERVERS.pop(k).stop()
+
+
+atexit.register(stop_all)
