@@ -265,3 +265,23 @@ def test_without_its_warm_server_a_kernel_gets_a_cold_sandbox_and_says_so(tmp_pa
         assert cold and "did not answer" in cold[0]["a"][0], k.audit()[:5]
     finally:
         k.close()
+
+
+def test_every_hop_of_a_symlinked_interpreter_is_mounted(tmp_path):
+    """A venv made from a python reached through a chain of links (as update-alternatives makes): the sandbox
+    must hold each hop, or exec of the venv's python fails inside it."""
+    from grading_engine.sandbox.bwrap import link_chain, python_roots
+
+    real = Path(sys.executable).resolve()
+    (tmp_path / "alternatives").mkdir()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "alternatives" / "python3").symlink_to(real)
+    (tmp_path / "bin" / "python3").symlink_to("../alternatives/python3")
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(tmp_path / "bin" / "python3")
+    assert link_chain(venv_python) == [venv_python, tmp_path / "bin" / "python3", tmp_path / "alternatives" / "python3",
+                                       real]
+    roots = python_roots(str(venv_python))
+    for folder in (tmp_path / "venv" / "bin", tmp_path / "bin", tmp_path / "alternatives", real.parent):
+        assert any(folder == r or r in folder.parents for r in roots), (folder, roots)

@@ -187,7 +187,8 @@ def emit(event: str, *args) -> None:
 
 def install(fd: int) -> None:
     """Install the hook, writing to ``fd`` (negative: record nothing)."""
-    global _fd, _allowed, _cell_prefixes
+    global _fd, _allowed, _cell_prefixes, _t0
+    _t0 = time.monotonic()  # event times count from here (a warm kernel imported this module long before)
     _local.busy = True
     try:
         _allowed = allowed_roots()

@@ -172,16 +172,28 @@ def import_roots(packages: Sequence[str] = ()) -> list[str]:
     return list(dict.fromkeys(roots))
 
 
-def python_roots() -> list[Path]:
+def link_chain(path: Path) -> list[Path]:
+    """``path`` and every link it leads through, to the file itself (each hop must exist in the sandbox)."""
+    out = [path]
+    while path.is_symlink() and len(out) < 40:
+        target = Path(os.readlink(path))
+        path = Path(os.path.normpath(target if target.is_absolute() else path.parent / target))
+        out.append(path)
+    return out
+
+
+def python_roots(executable: str | None = None) -> list[Path]:
     """Folders the sandboxed interpreter needs: the Python installation and the environment."""
     roots: list[Path] = []
     for p in {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix}:
         for q in (Path(p), Path(p).resolve()):
             if q.exists() and q not in roots:
                 roots.append(q)
-    # the interpreter binary may live elsewhere than its prefix (symlinked venv python)
-    exe = Path(sys.executable)
-    for q in (exe.parent, exe.resolve().parent.parent):
+    # the interpreter binary may live elsewhere than its prefix (a venv made from a symlinked python, through
+    # /usr/bin/python3 -> /etc/alternatives/python3 -> /opt/python/bin/python3.11, say): every hop's folder
+    exe = Path(executable or sys.executable)
+    hops = link_chain(exe)
+    for q in [h.parent for h in hops] + [exe.resolve().parent.parent]:
         if q.exists() and not any(q == r or r in q.parents for r in roots):
             roots.append(q)
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
