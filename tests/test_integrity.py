@@ -297,6 +297,18 @@ def test_taint_follows_the_students_values():
     assert leaves["0.0"]["taint"] and not leaves["0.1"]["taint"]
 
 
+def test_an_exception_the_students_code_raised_is_the_students():
+    """``except ValueError as err`` after a call into the answer: the message is the student's wording, so it is
+    compared in the student's run, not anchored to the reference run's own message."""
+    tainted = notebook_taint([("answer", "def f(x):\n    raise ValueError(x)"), ("other", "z = 3")])
+    cell = "try:\n    f(-1)\nexcept ValueError as err:\n    msg = str(err)\nassert 'rows' in msg"
+    plan, _ = plan_cell("t", cell, tainted)
+    assert plan.asserts[0].leaves["0.1"]["taint"]
+    other = "try:\n    int('x')\nexcept ValueError as err:\n    msg = str(err)\nassert 'x' in msg"
+    plan, _ = plan_cell("t", other, tainted)
+    assert not plan.asserts[0].leaves["0.1"]["taint"]  # the library's own message stays the test's
+
+
 def test_every_test_cell_of_the_course_can_be_instrumented():
     for path in [p for a in sorted(x.name for x in SOURCE_DIR.iterdir() if x.is_dir()) for p in source_notebooks(a)]:
         nb = nbformat.read(str(path), as_version=4)

@@ -75,6 +75,7 @@ class Attack:
     harms: list = field(default_factory=list)
     marker: str = ""
     links: dict = field(default_factory=dict)
+    gap: str = ""  # an attack not defended yet: why (its test is a strict expected failure)
 
 
 def load_attacks() -> list[Attack]:

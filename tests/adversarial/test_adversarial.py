@@ -28,7 +28,9 @@ def adversarial():
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.parametrize("i,attack", list(enumerate(ATTACKS)), ids=[a.name for a in ATTACKS])
+@pytest.mark.parametrize("i,attack", [
+    pytest.param(i, a, marks=pytest.mark.xfail(strict=True, reason=a.gap)) if a.gap else (i, a)
+    for i, a in enumerate(ATTACKS)], ids=[a.name for a in ATTACKS])
 def test_attack_is_defended(adversarial, i, attack):
     ok, text = outcome(adversarial["course"], attack, student_of(i, attack))
     assert ok, f"{attack.name} ({attack.why}): {text}\n" + "\n".join(

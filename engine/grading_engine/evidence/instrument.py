@@ -160,6 +160,10 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset())
             elif isinstance(node, ast.NamedExpr):
                 if hot(node.value):
                     tainted |= base_names(node.target)
+            elif isinstance(node, ast.Try | getattr(ast, "TryStar", ast.Try)):
+                # `except E as err`: the exception a student's call raised (its message is the student's)
+                if any(hot(n) for n in node.body):
+                    tainted |= {h.name for h in node.handlers if h.name}
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
                 if isinstance(node, ast.Lambda):
                     continue

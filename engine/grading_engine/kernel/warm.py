@@ -13,10 +13,11 @@ pipe) it forks a *supervisor*, which
    own folder (``k/<id>``: home with the copy of the notebook's folder, sockets, passwd) mounted where
    a cold sandbox has them, the server's folder (its socket, the other kernels' folders) covered by an
    empty read-only tmpfs, and the sandbox's writable root and ``/dev`` remounted read-only;
-3. forks the kernel, pid 1 of its own pid namespace (it cannot name, signal or trace the server, the
-   supervisor or another kernel), which sets its resource limits, drops every capability (no_new_privs,
-   checked), tells the launcher it started (the message's credentials give the launcher its pid) and
-   becomes exactly the kernel :mod:`grading_engine.kernel.inner` runs in a cold sandbox;
+3. forks the pid namespace's init, which forks the kernel (pid 2, as in a cold sandbox; it cannot name,
+   signal or trace the server, the supervisor or another kernel), which sets its resource limits, drops
+   every capability (no_new_privs, checked), tells the launcher it started (the message's credentials
+   give the launcher its pid) and becomes exactly the kernel :mod:`grading_engine.kernel.inner` runs in a
+   cold sandbox;
 4. kills the kernel when the launcher goes away or asks, and reports its exit code.
 
 The server, the supervisors and the kernels are not dumpable, so no kernel can read or write another
@@ -174,7 +175,7 @@ def _supervise(conn: socket.socket, msg: bytes, fds: list[int]) -> None:
         build_walls(f"{WARM_DIR}/{WARM_KERNELS}/{req.kernel_id}", req.tmp_mb)
         pid = os.fork()
         if pid == 0:
-            _kernel(conn, req, fds)  # never returns
+            _init(conn, req, fds)  # never returns
         for fd in fds:
             os.close(fd)
         code = _watch(conn, pid)
@@ -265,8 +266,35 @@ def _watch(conn: socket.socket, pid: int) -> int:
 # ----------------------------------------------------------------------------------------- the kernel
 
 
+def _init(conn: socket.socket, req: WarmRequest, fds: list[int]) -> None:
+    """pid 1 of the kernel's pid namespace, as bubblewrap's init is in a cold sandbox: it forks the kernel
+    (pid 2, so that the kernel can signal itself as any process can), reaps what the kernel leaves, and
+    exits with the kernel's exit code; the namespace's other processes die with it."""
+    code = 1
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        kernel = os.fork()
+        if kernel == 0:
+            _kernel(conn, req, fds)  # never returns
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        from grading_engine.kernel import privileges
+
+        privileges.drop(None)
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == kernel:
+                code = os.waitstatus_to_exitcode(status)
+                break
+    except BaseException:  # noqa: BLE001 - never outlive a failure: the namespace goes with us
+        pass
+    finally:
+        os._exit(code & 0xFF if code >= 0 else 128 + (-code & 0x7F))
+
+
 def _kernel(conn: socket.socket, req: WarmRequest, fds: list[int]) -> None:
-    """pid 1 of a new pid namespace: limits, no privileges, then the same kernel as a cold sandbox's."""
+    """pid 2 of its pid namespace: limits, no privileges, then the same kernel as a cold sandbox's."""
     code = 0
     started = False
     try:

@@ -171,6 +171,12 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None,
             cold = [e["a"][0] for e in k.audit() if e.get("e") == "sandbox.cold"]
             if warm:
                 checks.append(Check("forked by the warm server", not cold, cold[0] if cold else "yes"))
+            k.kc.execute("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+            deadline = time.monotonic() + 30
+            while k.km.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            checks.append(Check("a kernel that kills itself dies, as it would outside", not k.km.is_alive(),
+                                "dead" if not k.km.is_alive() else "still alive after 30 s"))
         finally:
             k.close()
     return checks, k.start_seconds
@@ -209,9 +215,11 @@ import os, signal
 # /proc is the server's: its numbers name other processes there, and in our own pid namespace nothing but
 # (by chance) our own threads, numbered from 1 (the last field of their NSpid)
 own = {int(open(f'/proc/self/task/{t}/status').read().split('NSpid:')[1].split(chr(10))[0].split()[-1])
-       for t in os.listdir('/proc/self/task')}
+       for t in os.listdir('/proc/self/task')} | {1}
 me = int(os.readlink('/proc/self'))
-pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != me]
+# our own sandbox's init (pid 1 in our namespace, as bubblewrap's is in a cold sandbox) is no other process
+init = int(open('/proc/self/status').read().split('PPid:')[1].split()[0])
+pids = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) not in (me, init)]
 signalled, read = [], []
 for pid in pids:
     try:  # by the process itself, not its number
