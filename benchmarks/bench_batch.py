@@ -158,6 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="batch workers (default: CPU count)")
     ap.add_argument("--skip-stock", action="store_true", help="only the batch (for trying things)")
     ap.add_argument("--cold", action="store_true", help="batch without the kernel fork server")
+    ap.add_argument("--engine", choices=["dask", "processes"], default=None,
+                    help="batch workers on Dask (the default: a LocalCluster, or --scheduler) or the former pool")
+    ap.add_argument("--scheduler", default=None, help="grade on the Dask cluster of this scheduler (tcp://HOST:PORT)")
     ap.add_argument("--keep", action="store_true", help="keep the course directories")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
 
     print(f"\n== batch: python -m grading_engine.batch grade ... --workers {workers}", flush=True)
     c0, t0 = cpu(), time.perf_counter()
-    s = grade(assignments, ours, workers=workers, warm=not args.cold)
+    s = grade(assignments, ours, workers=workers, warm=not args.cold, engine=args.engine, scheduler=args.scheduler)
     wall = time.perf_counter() - t0
     figures["batch"] = {"wall": wall, "cpu": cpu() - c0, "nb_per_min": 60 * n_nb / wall,
                         "split": time_split(s.timings), "graded": len(s.graded), "failed": len(s.failed),

@@ -153,19 +153,26 @@ def wait_for(cond, timeout=300.0, proc: subprocess.Popen | None = None) -> None:
 
 
 def workers_of(pid: int) -> list[int]:
-    out = []
+    """The grading processes under the batch process ``pid`` (each in a Dask worker process of its LocalCluster)."""
+    children: dict[int, list[int]] = {}
+    cmds: dict[int, str] = {}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
             stat = (p / "stat").read_text()
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cmds[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and "grading_engine.batch.worker" in cmd:
-            out.append(int(p.name))
-    return out
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(p.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        q = todo.pop()
+        if "grading_engine.batch.worker" in cmds.get(q, ""):
+            out.append(q)
+        else:
+            todo += children.get(q, [])
+    return sorted(out)
 
 
 def alive(pid: int) -> bool:

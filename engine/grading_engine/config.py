@@ -156,6 +156,26 @@ class GradingEngine(Configurable):
              "per student). Empty: $XDG_CACHE_HOME/course-integrity, else ~/.cache/course-integrity.",
     ).tag(config=True)
 
+    # -- the batch grader (python -m grading_engine.batch grade)
+    dask_scheduler = EnvUnicode(
+        "", "COURSE_DASK_SCHEDULER",
+        help="Address of a running Dask scheduler (tcp://HOST:PORT) whose workers grade the batch; the "
+             "command line's --scheduler wins. Empty: a LocalCluster on this machine, one single-threaded "
+             "worker process per --workers.",
+    ).tag(config=True)
+    batch_engine = EnvUnicode(
+        "dask", "COURSE_BATCH_ENGINE",
+        help="What runs the batch's workers: 'dask' (the default: Dask distributed, a LocalCluster or the "
+             "cluster at dask_scheduler) or 'processes' (the batch's own pool of worker processes, this "
+             "machine only).",
+    ).tag(config=True)
+    dask_allowed_failures = EnvInteger(
+        3, "COURSE_DASK_ALLOWED_FAILURES",
+        help="Times Dask grades a submission again whose worker died while grading it (Dask's "
+             "distributed.scheduler.allowed-failures) before it is recorded as failed. Set on the LocalCluster "
+             "the batch starts; an existing scheduler keeps its own setting.",
+    ).tag(config=True)
+
     def limit_values(self) -> dict[str, int]:
         """The sandbox limits, by name (see :data:`LIMITS`)."""
         return {name: getattr(self, name) for name in LIMITS}

@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["grade", "report", "status"])
     ap.add_argument("assignments", nargs="+")
     ap.add_argument("--course-dir", type=Path, default=None, help="course directory (default: the current one)")
-    ap.add_argument("--workers", "-j", type=int, default=None, help="parallel workers (default: CPU count)")
+    ap.add_argument("--workers", "-j", type=int, default=None,
+                    help="parallel workers of the LocalCluster (default: CPU count)")
+    ap.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                    help="grade on the Dask cluster of this scheduler (default: c.GradingEngine.dask_scheduler, "
+                         "else a LocalCluster on this machine)")
+    ap.add_argument("--engine", choices=["dask", "processes"], default=None,
+                    help="what runs the workers (default: c.GradingEngine.batch_engine, 'dask')")
     ap.add_argument("--student", action="append", dest="students", help="only this student (repeatable)")
     ap.add_argument("--regrade", action="store_true", help="grade everything again, ignoring the journal")
     ap.add_argument("--retry-failed", action="store_true", help="grade again the submissions that failed")
@@ -69,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from grading_engine.batch.runner import BatchLocked, WorkerRefused, grade
 
+    unreachable: tuple[type[BaseException], ...] = ()
+    if args.engine != "processes":
+        from grading_engine.batch.cluster import SchedulerUnreachable
+
+        unreachable = (SchedulerUnreachable,)
+
     try:
         s = grade(args.assignments, args.course_dir, workers=args.workers, warm=not args.cold,
                   fast_shutdown=not args.graceful_shutdown, regrade=args.regrade,
                   retry_failed=args.retry_failed, students=args.students, progress=not args.no_progress,
-                  job_timeout=args.job_timeout)
-    except (BatchLocked, WorkerRefused) as exc:
+                  job_timeout=args.job_timeout, scheduler=args.scheduler, engine=args.engine)
+    except (BatchLocked, WorkerRefused, *unreachable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = len(s.graded) + len(s.failed)

@@ -4,9 +4,16 @@ Design (see also :mod:`grading_engine.batch.worker` and :mod:`grading_engine.bat
 
 * Work unit: one student's submission of one assignment
   (``submitted/<student>/<assignment>/``).
-* Workers: N processes, each with a private course directory under
-  ``.batch/workers/``; each grades one submission at a time with nbgrader's
-  own ``Autograde`` converter against a private SQLite gradebook.
+* Workers: Dask workers (:mod:`grading_engine.batch.cluster`: a LocalCluster
+  of N single-threaded processes by default, or an existing cluster at
+  ``--scheduler`` / ``GradingEngine.dask_scheduler``), each hosting one
+  grading process with a private course directory in its own temporary
+  folder; each grades one submission at a time with nbgrader's own
+  ``Autograde`` converter against a private SQLite gradebook. The submission's
+  files travel to the worker and the results back as bytes: no shared file
+  system. ``GradingEngine.batch_engine = "processes"`` runs the former pool
+  of N worker processes instead (:class:`Pool`, private courses under
+  ``.batch/workers/``).
 * Merge: only this process writes the instructor's gradebook (SQLite or
   PostgreSQL, whatever ``db_url`` says). For each finished submission it
   (1) swaps the new ``autograded/<student>/<assignment>/`` folder into place
@@ -71,6 +78,9 @@ class Course:
     source_directory: str = "source"
     submitted_directory: str = "submitted"
     autograded_directory: str = "autograded"
+    batch_engine: str = "dask"  # GradingEngine.batch_engine: "dask" or "processes"
+    dask_scheduler: str = ""  # GradingEngine.dask_scheduler: empty for a LocalCluster
+    dask_allowed_failures: int = 3
 
     @property
     def state(self) -> Path:
@@ -95,6 +105,8 @@ def load_course(course_dir: Path | str | None = None) -> Course:
     """The course's nbgrader configuration, read the way nbgrader reads it (an absolute root included)."""
     from nbgrader.apps.baseapp import NbGrader
 
+    from grading_engine.config import GradingEngine
+
     course_dir = Path(course_dir or os.getcwd()).resolve()
     cwd = os.getcwd()
     os.chdir(course_dir)
@@ -102,13 +114,16 @@ def load_course(course_dir: Path | str | None = None) -> Course:
         app = NbGrader()
         app.initialize([])
         cd = app.coursedir
+        ge = GradingEngine(config=app.config)
         root = Path(cd.root).resolve()
         local = next((p for p in (course_dir / "nbgrader_config.py", root / "nbgrader_config.py") if p.exists()),
                      root / "nbgrader_config.py")
         return Course(root=root, db_url=cd.db_url, course_id=cd.course_id, config_file=local,
                       ignore=list(cd.ignore), config_files=[Path(p) for p in app.loaded_config_files],
                       directory_structure=cd.directory_structure, source_directory=cd.source_directory,
-                      submitted_directory=cd.submitted_directory, autograded_directory=cd.autograded_directory)
+                      submitted_directory=cd.submitted_directory, autograded_directory=cd.autograded_directory,
+                      batch_engine=ge.batch_engine, dask_scheduler=ge.dask_scheduler,
+                      dask_allowed_failures=ge.dask_allowed_failures)
     finally:
         os.chdir(cwd)
 
@@ -574,6 +589,13 @@ class Progress:
             self.bar.update(job.notebooks)
             self.bar.set_postfix(failed=failed, refresh=False)
 
+    def say(self, line: str) -> None:
+        """One line for the person running the batch (above the bar, or on stderr without one)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -690,8 +712,12 @@ def batch_lock(course: Course):
 def grade(assignments: list[str], course_dir: Path | str | None = None, workers: int | None = None,
           warm: bool = True, fast_shutdown: bool = True, regrade: bool = False, retry_failed: bool = False,
           students: list[str] | None = None, progress: bool = True, job_timeout: float = 3600.0,
-          stop_after: int | None = None) -> Summary:
-    """Grade every submission of ``assignments`` that is not graded yet. See the module docstring."""
+          stop_after: int | None = None, scheduler: str | None = None, engine: str | None = None) -> Summary:
+    """Grade every submission of ``assignments`` that is not graded yet. See the module docstring.
+
+    ``scheduler``: a Dask scheduler's address (default: ``GradingEngine.dask_scheduler``, else a LocalCluster);
+    ``engine``: "dask" or "processes" (default: ``GradingEngine.batch_engine``).
+    """
     from grading_engine.batch import gradebook as gbm
 
     t_start = time.perf_counter()
@@ -704,7 +730,13 @@ def grade(assignments: list[str], course_dir: Path | str | None = None, workers:
             if missing:
                 raise SystemExit(f"not in the gradebook: {missing}; run `nbgrader generate_assignment` for them first")
             jobs, summary.skipped = plan(course, assignments, students, regrade, retry_failed)
-            if jobs:
+            engine = engine or course.batch_engine
+            if engine not in ("dask", "processes"):
+                raise SystemExit(f"GradingEngine.batch_engine is {engine!r}: it is 'dask' or 'processes'")
+            if jobs and engine == "dask":
+                _run_dask(course, db, assignments, jobs, summary, workers, warm, fast_shutdown, progress,
+                          job_timeout, stop_after, course.dask_scheduler if scheduler is None else scheduler)
+            elif jobs:
                 _run(course, db, assignments, jobs, summary, workers, warm, fast_shutdown, progress, job_timeout,
                      stop_after)
         except KeyboardInterrupt:
@@ -732,3 +764,19 @@ def _run(course: Course, db, assignments: list[str], jobs: list[Job], summary: S
         pool.close(now=summary.interrupted)
         if not summary.interrupted:
             shutil.rmtree(course.state / "workers", ignore_errors=True)
+
+
+def _run_dask(course: Course, db, assignments: list[str], jobs: list[Job], summary: Summary, workers: int | None,
+              warm: bool, fast_shutdown: bool, progress: bool, job_timeout: float, stop_after: int | None,
+              address: str) -> None:
+    """Grade ``jobs`` on Dask: a LocalCluster of ``workers`` processes, or the cluster at ``address``."""
+    from grading_engine.batch import cluster
+
+    size = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = Progress(progress, sum(j.notebooks for j in jobs), summary.skipped, len(jobs))
+    try:
+        cluster.run(course, db, assignments, jobs, summary, bar, address=address, workers=size,
+                    allowed_failures=course.dask_allowed_failures, warm=warm, fast_shutdown=fast_shutdown,
+                    job_timeout=job_timeout, stop_after=stop_after)
+    finally:
+        bar.close()

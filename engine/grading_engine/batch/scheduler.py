@@ -122,3 +122,11 @@ class Scheduler:
             return Decision(Action.RETRY, job, reason)
         self.finished += 1
         return Decision(Action.FAIL, job, f"the grading process died twice ({reason})")
+
+    def on_lost(self, worker: Hashable, reason: str) -> Decision | None:
+        """``worker``'s job is lost for good (Dask gave up on it after the workers grading it died): failed."""
+        job = self._running.pop(worker, None)
+        if job is None:
+            return None
+        self.finished += 1
+        return Decision(Action.FAIL, job, reason)
