@@ -31,7 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grading_engine.protocol import WARM_DIR, WARM_KERNELS, WARM_SOCKET
-from grading_engine.sandbox.bwrap import Limits, build_command, sandbox_env, sweep_stale, write_etc
+from grading_engine.sandbox.bwrap import (
+    Limits,
+    build_command,
+    package_mounts,
+    python_roots,
+    sandbox_env,
+    sweep_stale,
+    write_etc,
+)
 
 START_TIMEOUT = 180.0  # seconds for the server's imports (torch) on a loaded machine
 ALWAYS_PRELOAD = ("IPython", "matplotlib_inline.backend_inline")
@@ -107,9 +115,21 @@ class WarmServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def unavailable_here(packages=()) -> str | None:
+    """Why warm kernels cannot work with this installation, or None."""
+    under_tmp = [str(r) for r in python_roots() + package_mounts(packages) if Path("/tmp") in r.parents]
+    if under_tmp:  # each warm kernel mounts a fresh /tmp of its own, which would cover them
+        return (f"the Python environment or a mounted package lives under /tmp ({under_tmp[0]}), which each warm "
+                "kernel gets fresh; install the course elsewhere for warm kernels")
+    return None
+
+
 def start_server(key: ServerKey, preload: list[str]) -> WarmServer:
     """Start a fork server in its own sandbox, importing ``preload``, and wait for its "ready" line."""
     limits = Limits.from_json(key.limits)
+    why = unavailable_here(key.packages)
+    if why:
+        raise WarmUnavailable(why)
     tmp = Path(tempfile.gettempdir())
     sweep_stale(tmp, "course-warm-")
     d = Path(tempfile.mkdtemp(prefix=f"course-warm-{os.getpid()}-"))
