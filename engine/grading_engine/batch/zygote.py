@@ -21,7 +21,6 @@ fork handler and restarted in the child).
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import gc
 import importlib
@@ -31,6 +30,8 @@ import signal
 import socket
 import sys
 import time
+
+from grading_engine.kernel.warm import exit_code, leave
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -91,19 +92,14 @@ def _become_kernel(req: dict, base_path: list[str]) -> None:
 
         kernelapp.launch_new_instance()
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     except BaseException:  # noqa: BLE001 - report and leave, never return into the server loop
         import traceback
 
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        leave(code)
 
 
 def serve(sock_path: str, preload: list[str]) -> None:

@@ -330,7 +330,7 @@ def _kernel(conn: socket.socket, req: WarmRequest, fds: list[int]) -> None:
         sys.argv = [inner.__file__]
         inner.run(audit_fd, req.preload, req.watch, req.kernel_args)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = exit_code(exc)
     except BaseException as exc:  # noqa: BLE001
         if not started:
             _reply(conn, WarmReply(WarmEvent.FAILED, 1, f"{type(exc).__name__}: {exc}"))
@@ -339,14 +339,25 @@ def _kernel(conn: socket.socket, req: WarmRequest, fds: list[int]) -> None:
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            import atexit
+        leave(code)
 
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code & 0xFF)
+
+def exit_code(exc: SystemExit) -> int:
+    """The exit code ``sys.exit(...)`` asked for, as the interpreter would give it."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def leave(code: int) -> None:
+    """End a forked kernel as an interpreter ends: exit handlers, flushed output, then ``_exit`` (never
+    back into the server's loop)."""
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code & 0xFF)
 
 
 def _become_fresh(env: dict[str, str]) -> None:
