@@ -72,3 +72,15 @@ def test_installed_packages_match_the_pins():
         if got.split("+")[0] != version:
             wrong.append(f"{name} {got} (pinned {version})")
     assert not wrong, "; ".join(wrong)
+
+
+def test_every_pin_installs_on_every_python_311():
+    """Debian 12's python3 is 3.11.2: a pin that needs a later 3.11 (soupsieve 4 needs 3.11.5) breaks setup there."""
+    from packaging.specifiers import SpecifierSet
+
+    narrow = []
+    for name in requirements():
+        needs = metadata.metadata(name).get("Requires-Python")
+        if needs and not SpecifierSet(needs).contains("3.11.0"):
+            narrow.append(f"{name} needs Python {needs}")
+    assert not narrow, "pins that refuse an early Python 3.11: " + "; ".join(narrow)
