@@ -1,8 +1,8 @@
-"""Benchmark: stock sequential `nbgrader autograde` against `python -m grading_engine.batch grade`, on one synthetic class.
+"""Benchmark: what an instructor would compare, on one synthetic class over the whole course, in one run.
 
     python benchmarks/bench_batch.py            # 40 students, every assignment in source/
-    python benchmarks/bench_batch.py --quick    # 6 students: a few minutes
-    python benchmarks/bench_batch.py --students 20 --assignments 04_hands_on_exercises --workers 2
+    python benchmarks/bench_batch.py --quick    # 6 students
+    python benchmarks/bench_batch.py --students 20 --assignments 04_hands_on_exercises --configs stock full
 
 Makes a course directory in a temporary folder (the course's nbgrader_config.py
 and source/, `nbgrader generate_assignment` for each assignment), then a
@@ -15,13 +15,23 @@ class of synthetic students handing in, for every notebook of the course:
 * 15 % something broken ("broken"): a notebook that is not JSON, a kernel
   that dies in an answer cell, or a missing notebook.
 
-The same class is graded twice, from identical copies: by stock nbgrader,
-one `nbgrader autograde ASSIGNMENT` after another, and by the batch command.
-It prints wall time, notebooks per minute, the ratio, whether the two
-gradebooks hold the same grades, and where the time per notebook goes
-(kernel start, imports, execution, kernel shutdown, nbgrader bookkeeping).
-The course's configuration applies to both (sandbox and integrity checks
-included, unless COURSE_SANDBOX=off / COURSE_INTEGRITY=off are set).
+Identical copies of the class are graded by each configuration (``--configs``):
+
+* ``stock``: what instructors use today: `nbgrader autograde ASSIGNMENT`, one
+  assignment after another, with the engine's block cut out of
+  nbgrader_config.py (nothing of this project runs but two timestamp hooks);
+* ``full``: `python -m grading_engine.batch grade` as configured (sandbox and
+  evidence-based scoring on, warm sandboxed kernels, a Dask LocalCluster);
+* ``full-pool``: the same on the former process pool (``--engine processes``);
+* ``off``: the batch with ``GradingEngine.sandbox`` and ``evidence`` False
+  (stock nbgrader's grading, plain kernels forked warm), for the split.
+
+It prints, per configuration, wall time, notebooks per minute, the ratio to
+stock, where the time per notebook goes (kernel start, imports, execution,
+kernel shutdown, bookkeeping), the peak memory per worker (proportional set
+size of the worker and every process under it: its kernels, sandboxes and
+servers) and how many sandboxed kernels were warm; and whether each
+configuration's grades equal stock nbgrader's.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -147,7 +158,84 @@ def cpu() -> float:
 
 def fmt_split(d: dict[str, float]) -> str:
     keys = ["kernel_start", "imports", "execution", "shutdown", "bookkeeping"]
-    return "  ".join(f"{k.replace('_', ' ')} {d.get(k, float('nan')):5.2f}" for k in keys)
+    return "  ".join(f"{d.get(k, float('nan')):5.2f}" for k in keys)
+
+
+def stock_config(text: str) -> str:
+    """The course's nbgrader_config.py without the grading engine's block (between its two ``# ---`` rules)."""
+    lines = text.splitlines(keepends=True)
+    rules = [i for i, ln in enumerate(lines) if ln.startswith("# ----")]
+    if len(rules) < 2:
+        raise SystemExit("nbgrader_config.py: the engine's block (between two '# ----' lines) was not found")
+    return "".join(lines[:rules[0]] + lines[rules[-1] + 1:])
+
+
+def _pss_mb(proc) -> float:
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as fh:
+            for ln in fh:
+                if ln.startswith("Pss:"):
+                    return int(ln.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakMemory(threading.Thread):
+    """Samples, once a second, the memory of each process tree under this one: one tree per worker.
+
+    Proportional set size, so pages a fork server shares with its kernels count once. The trees are the
+    direct children of this process (a Dask nanny, a pool worker, a stock `nbgrader` command); this
+    process itself (the batch's client, the LocalCluster's scheduler) is reported apart."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop_event = threading.Event()
+        self.per_worker = 0.0
+        self.main = 0.0
+
+    def run(self):
+        import psutil
+
+        me = psutil.Process()
+        while not self.stop_event.wait(1.0):
+            try:
+                self.main = max(self.main, _pss_mb(me))
+                for child in me.children():
+                    tree = [child, *child.children(recursive=True)]
+                    self.per_worker = max(self.per_worker, sum(_pss_mb(p) for p in tree))
+            except Exception:  # noqa: BLE001 - a process ended while sampled
+                continue
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.join()
+
+
+def auto_scores(db: Path) -> dict:
+    out = {}
+    for key, entry in dump(f"sqlite:///{db}").items():
+        for nb, rec in entry["notebooks"].items():
+            for cell, g in rec["grades"].items():
+                out[(key, nb, cell)] = g[0]
+    return out
+
+
+def kernel_sources(course: Path) -> dict[str, int]:
+    """How the sandboxed kernels of a batch run started: warm (from a sandbox server) or cold, per the records."""
+    counts: dict[str, int] = {}
+    for f in (course / "integrity").glob("*/*.json"):
+        for nb in json.loads(f.read_text()).get("notebooks", {}).values():
+            kind = (nb.get("execution") or {}).get("kernel") or "unknown"
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+CONFIGS = ["stock", "full", "full-pool", "off"]
 
 
 def main(argv=None) -> int:
@@ -155,12 +243,9 @@ def main(argv=None) -> int:
     ap.add_argument("--students", type=int, default=40)
     ap.add_argument("--quick", action="store_true", help="6 students")
     ap.add_argument("--assignments", nargs="*", default=None, help="default: all of source/")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=CONFIGS, help="default: all four")
     ap.add_argument("--workers", type=int, default=None, help="batch workers (default: CPU count)")
-    ap.add_argument("--skip-stock", action="store_true", help="only the batch (for trying things)")
-    ap.add_argument("--cold", action="store_true", help="batch without the kernel fork server")
-    ap.add_argument("--engine", choices=["dask", "processes"], default=None,
-                    help="batch workers on Dask (the default: a LocalCluster, or --scheduler) or the former pool")
-    ap.add_argument("--scheduler", default=None, help="grade on the Dask cluster of this scheduler (tcp://HOST:PORT)")
+    ap.add_argument("--scheduler", default=None, help="grade 'full' on the Dask cluster of this scheduler")
     ap.add_argument("--keep", action="store_true", help="keep the course directories")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
@@ -168,103 +253,103 @@ def main(argv=None) -> int:
     assignments = args.assignments or sorted(p.name for p in SOURCE_DIR.iterdir()
                                              if p.is_dir() and any(p.glob("*.ipynb")))
     workers = args.workers or os.cpu_count() or 1
-    base = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    base = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=os.environ.get("BENCH_DIR")))
     print(f"course directories in {base}; {n} students; assignments {assignments}; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"configurations {args.configs}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    stock = base / "stock"
-    stock.mkdir()
-    shutil.copy2(REPO / "nbgrader_config.py", stock / "nbgrader_config.py")
+    template = base / "template"
+    template.mkdir()
+    shutil.copy2(REPO / "nbgrader_config.py", template / "nbgrader_config.py")
     for a in assignments:
-        shutil.copytree(SOURCE_DIR / a, stock / "source" / a, ignore=shutil.ignore_patterns(".ipynb_checkpoints",
-                                                                                            "__pycache__"))
-        r = nbgrader(["generate_assignment", a, "--force"], stock)
+        shutil.copytree(SOURCE_DIR / a, template / "source" / a,
+                        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+        r = nbgrader(["generate_assignment", a, "--force"], template)
         if r.returncode:
             print(r.stdout, r.stderr)
             return 1
-    students = make_class(stock, assignments, n)
-    n_nb = sum(len(list((stock / "submitted" / s / a).glob("*.ipynb"))) for s in students for a in assignments)
-    n_release = len(students) * sum(len(list((stock / "release" / a).glob("*.ipynb"))) for a in assignments)
+    students = make_class(template, assignments, n)
+    n_nb = sum(len(list((template / "submitted" / s / a).glob("*.ipynb"))) for s in students for a in assignments)
+    n_release = len(students) * sum(len(list((template / "release" / a).glob("*.ipynb"))) for a in assignments)
     print(f"class: {json.dumps({k: list(students.values()).count(k) for k in dict.fromkeys(KINDS)})}; "
           f"{n_nb} notebooks handed in ({n_release - n_nb} missing)", flush=True)
-    ours = base / "batch"
-    shutil.copytree(stock, ours)
     figures: dict = {"students": n, "notebooks": n_nb, "assignments": assignments, "cpus": os.cpu_count(),
-                     "workers": workers}
+                     "workers": workers, "configs": {}}
 
-    kernel = "python3"
-    try:
-        from grading_engine.plugin import integrity_requested
-        from grading_engine.sandbox import KERNEL_NAME, requested
-
-        if requested() or integrity_requested():
-            kernel = KERNEL_NAME  # what grading_engine.plugin makes autograde use
-    except ImportError:
-        pass
-    # Work done once per notebook for the whole class (the integrity checks'
-    # reference runs, cached in ~/.cache/course-integrity) must not count for
-    # whichever command runs first: grade one student untimed first.
-    warm = base / "warmup"
-    shutil.copytree(stock, warm)
-    t0 = time.perf_counter()
-    for a in assignments:
-        nbgrader(["autograde", a, "--student", next(iter(students)), "--force"], warm)
-    shutil.rmtree(warm, ignore_errors=True)
-    print(f"warm-up (one student, untimed, fills caches shared by both runs): {time.perf_counter() - t0:.0f} s",
-          flush=True)
-    ks = kernel_start_seconds(kernel)
-    print(f"kernel '{kernel}': start until it answers {ks['kernel_start']:.2f} s, graceful shutdown "
-          f"{ks['shutdown']:.2f} s (mean of 3)", flush=True)
-
-    if not args.skip_stock:
-        with (stock / "nbgrader_config.py").open("a") as fh:
-            fh.write("\n# benchmark: timestamps only (grading_engine.batch.timing)\n" + timing.CONFIG_LINES)
-        tfile = base / "stock-timing.jsonl"
-        print("\n== stock: nbgrader autograde, one assignment after another", flush=True)
-        c0, t0 = cpu(), time.perf_counter()
+    # Work done once per notebook for the whole class (the evidence's reference runs, cached in
+    # GradingEngine.reference_cache) must not count for the first configuration that needs it: one
+    # student graded untimed first, with the course's own configuration.
+    if any(c.startswith("full") for c in args.configs):
+        warm = base / "warmup"
+        shutil.copytree(template, warm)
+        t0 = time.perf_counter()
         for a in assignments:
-            ta = time.perf_counter()
-            r = nbgrader(["autograde", a, "--force"], stock, BATCH_TIMING_FILE=str(tfile))
-            print(f"   {a}: {time.perf_counter() - ta:.0f} s (exit {r.returncode})", flush=True)
+            nbgrader(["autograde", a, "--student", next(iter(students)), "--force"], warm)
+        shutil.rmtree(warm, ignore_errors=True)
+        print(f"warm-up (one student, untimed: the reference runs, cached for the whole class): "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    for name in args.configs:
+        course = base / name
+        shutil.copytree(template, course)
+        cfg = course / "nbgrader_config.py"
+        if name == "stock":
+            cfg.write_text(stock_config(cfg.read_text()))
+        if name == "off":
+            cfg.write_text(cfg.read_text() + "\n# benchmark: the engine's two switches off\n"
+                           "c.GradingEngine.sandbox = False\nc.GradingEngine.evidence = False\n")
+        print(f"\n== {name}", flush=True)
+        c0, t0 = cpu(), time.perf_counter()
+        with PeakMemory() as mem:
+            if name == "stock":
+                with cfg.open("a") as fh:
+                    fh.write("\n# benchmark: timestamps only (grading_engine.batch.timing)\n" + timing.CONFIG_LINES)
+                tfile = base / "stock-timing.jsonl"
+                for a in assignments:
+                    ta = time.perf_counter()
+                    r = nbgrader(["autograde", a, "--force"], course, BATCH_TIMING_FILE=str(tfile))
+                    print(f"   {a}: {time.perf_counter() - ta:.0f} s (exit {r.returncode})", flush=True)
+            else:
+                s = grade(assignments, course, workers=workers, progress=False,
+                          engine="processes" if name == "full-pool" else "dask",
+                          scheduler=args.scheduler if name == "full" else None)
         wall = time.perf_counter() - t0
-        figures["stock"] = {"wall": wall, "cpu": cpu() - c0, "nb_per_min": 60 * n_nb / wall}
-        ev = [(json.loads(ln)["event"], json.loads(ln)["t"]) for ln in tfile.read_text().splitlines()]
-        per = timing.split(ev)
-        k = len(per) or 1
-        split = {key: sum(d.get(key, 0.0) for d in per) / k for key in ("imports", "execution")}
-        split["kernel_start"] = ks["kernel_start"]
-        split["shutdown"] = ks["shutdown"]
-        split["bookkeeping"] = wall / max(n_nb, 1) - sum(split.values())
-        figures["stock"]["split"] = split
-        print(f"stock: {wall:.0f} s, {60 * n_nb / wall:.1f} notebooks/min", flush=True)
+        f = {"wall": wall, "cpu": cpu() - c0, "nb_per_min": 60 * n_nb / wall,
+             "peak_mb_per_worker": mem.per_worker, "peak_mb_main": mem.main}
+        if name == "stock":
+            ev = [(json.loads(ln)["event"], json.loads(ln)["t"]) for ln in tfile.read_text().splitlines()]
+            per = timing.split(ev)
+            k = len(per) or 1
+            split = {key: sum(d.get(key, 0.0) for d in per) / k for key in ("imports", "execution")}
+            ks = kernel_start_seconds("python3")
+            split.update(ks)
+            split["bookkeeping"] = wall / max(n_nb, 1) - sum(split.values())
+            f["split"] = split
+        else:
+            f.update(split=time_split(s.timings), graded=len(s.graded), failed=len(s.failed),
+                     kernels=kernel_sources(course))
+        figures["configs"][name] = f
+        print(f"{name}: {wall:.0f} s, {f['nb_per_min']:.1f} notebooks/min, peak {mem.per_worker:.0f} MB per worker"
+              + (f"; kernels {f['kernels']}" if f.get("kernels") else ""), flush=True)
 
-    print(f"\n== batch: python -m grading_engine.batch grade ... --workers {workers}", flush=True)
-    c0, t0 = cpu(), time.perf_counter()
-    s = grade(assignments, ours, workers=workers, warm=not args.cold, engine=args.engine, scheduler=args.scheduler)
-    wall = time.perf_counter() - t0
-    figures["batch"] = {"wall": wall, "cpu": cpu() - c0, "nb_per_min": 60 * n_nb / wall,
-                        "split": time_split(s.timings), "graded": len(s.graded), "failed": len(s.failed),
-                        "zygote": s.zygote}
-    print(f"batch: {wall:.0f} s, {60 * n_nb / wall:.1f} notebooks/min; graded {len(s.graded)}, "
-          f"could not grade {len(s.failed)}", flush=True)
-
-    print("\n== results")
-    print(f"{'':8}{'wall s':>9}{'nb/min':>9}   time per notebook (s): kernel start, imports, execution, "
-          "shutdown, bookkeeping")
-    for name in ("stock", "batch"):
-        if name in figures:
-            f = figures[name]
-            print(f"{name:8}{f['wall']:9.0f}{f['nb_per_min']:9.1f}   {fmt_split(f['split'])}")
-    bsplit = figures["batch"]["split"]
-    if bsplit:
-        print(f"batch per-notebook times are per worker ({workers} at once); "
-              f"{100 * bsplit.get('warm_fraction', 0):.0f}% of kernels came from the fork server")
-    if "stock" in figures:
-        ratio = figures["stock"]["wall"] / figures["batch"]["wall"]
-        figures["ratio"] = ratio
-        same = dump(f"sqlite:///{stock / 'gradebook.db'}") == dump(f"sqlite:///{ours / 'gradebook.db'}")
-        figures["same_grades"] = same
-        print(f"ratio stock/batch wall time: {ratio:.2f}   same grades in both gradebooks: {'yes' if same else 'NO'}")
+    print("\n== results (time per notebook in s; the batch's are per worker, its workers running at once)")
+    print(f"{'':10}{'wall s':>8}{'nb/min':>8}{'x stock':>8}{'MB/wkr':>8}   kernel start  imports  execution"
+          "  shutdown  bookkeeping")
+    stock_fig = figures["configs"].get("stock")
+    ref_scores = auto_scores(base / "stock" / "gradebook.db") if stock_fig else None
+    for name, f in figures["configs"].items():
+        ratio = stock_fig["wall"] / f["wall"] if stock_fig else float("nan")
+        f["ratio_to_stock"] = ratio
+        print(f"{name:10}{f['wall']:8.0f}{f['nb_per_min']:8.1f}{ratio:8.2f}{f['peak_mb_per_worker']:8.0f}   "
+              f"{fmt_split(f['split'])}")
+    if ref_scores is not None:
+        for name in figures["configs"]:
+            if name == "stock":
+                continue
+            other = auto_scores(base / name / "gradebook.db")
+            differ = sorted(k for k in set(ref_scores) | set(other) if ref_scores.get(k) != other.get(k))
+            figures["configs"][name]["cells_differing_from_stock"] = len(differ)
+            print(f"{name}: {len(differ)} of {len(ref_scores)} graded cells differ from stock nbgrader"
+                  + (f", e.g. {differ[:3]}" if differ else ""))
     print(f"load average now {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1, default=str))

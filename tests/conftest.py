@@ -87,21 +87,26 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(marker)
 
 
-def pytest_collection_finish(session):
-    """Which notebooks the grading fixture must grade: those of the selected tests that use it."""
-    needed: set[tuple[str, str]] | None = set()
-    for item in session.items:
-        if "course_report" not in getattr(item, "fixturenames", ()):
+def selected_notebooks(items, fixture: str) -> set[tuple[str, str]] | None:
+    """The notebooks the selected tests that use ``fixture`` are about; None: the whole course."""
+    needed: set[tuple[str, str]] = set()
+    for item in items:
+        if fixture not in getattr(item, "fixturenames", ()):
             continue
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "assignment" in params and "notebook" not in params:
             continue  # a test of a whole assignment's generated release: generating it is enough
         nbs = _notebooks_of(item)
         if nbs is None:
-            needed = None  # a test about the whole course
-            break
+            return None  # a test about the whole course
         needed |= nbs
-    session.config._course_notebooks = needed
+    return needed
+
+
+def pytest_collection_finish(session):
+    """Which notebooks the grading and validation fixtures must run: those of the selected tests."""
+    session.config._course_notebooks = selected_notebooks(session.items, "course_report")
+    session.config._validate_notebooks = selected_notebooks(session.items, "validate_reports")
 
 
 @pytest.fixture(scope="module")

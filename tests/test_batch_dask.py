@@ -198,3 +198,44 @@ def test_a_dask_cluster_without_the_course_grades_like_a_local_run_even_when_a_w
     assert not (remote / ".batch" / "incoming").exists()
     # the workers' folders hold nothing of the course: it came to them through Dask, in their temporary folders
     assert not list((tmp_path / "cluster").rglob("*.ipynb"))
+
+
+def test_a_folder_travels_as_bytes_and_back(tmp_path):
+    from grading_engine.batch.cluster import pack, unpack
+
+    src = tmp_path / "src"
+    (src / "sub" / "deep").mkdir(parents=True)
+    (src / "a.ipynb").write_text('{"cells": []}')
+    (src / "sub" / "deep" / "b.bin").write_bytes(bytes(range(256)))
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    (src / "link").symlink_to("/etc/passwd")
+    out = tmp_path / "out"
+    unpack(pack(src), out)
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert got == ["a.ipynb", "sub", "sub/deep", "sub/deep/b.bin"]
+    assert (out / "sub" / "deep" / "b.bin").read_bytes() == bytes(range(256))
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "device"])
+def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind):
+    """What a worker sends back is data: no path out of the folder, no link, no device (any Python 3.11)."""
+    import io
+    import tarfile
+
+    from grading_engine.batch.cluster import unpack
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo({"parent": "../escaped", "absolute": str(tmp_path / "abs"),
+                                "symlink": "link", "device": "dev"}[kind])
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        if kind == "device":
+            info.type = tarfile.CHRTYPE
+        data = b"" if kind in ("symlink", "device") else b"x"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="refused"):
+        unpack(buf.getvalue(), tmp_path / "dest")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()

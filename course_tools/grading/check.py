@@ -3,10 +3,9 @@
 This is the harness behind ``python -m course_tools.grading check`` and the pytest
 suite: one real ``nbgrader generate_assignment`` and one batch of
 real nbgrader autograde runs (``grading_engine.batch``, in parallel) answer every
-question the tests ask: the reference and the release under the course's full
-grading configuration (sandbox and evidence-based scoring), the stored wrong
-answers (the instructor's own code) with the same scoring in plain kernels
-forked warm, without the sandbox.
+question the tests ask: the reference, the release and the stored wrong
+answers, all under the course's full grading configuration (warm sandboxed
+kernels and the evidence-based scoring), as a class's submissions are graded.
 """
 
 from __future__ import annotations
@@ -163,12 +162,8 @@ def grade(assignments: list[str], workdir: Path, workers: int | None = None, qui
                 a, p.stem, sum(c.points for c in test_cells(nb)), tids, [c.grade_id for c in answer_cells(nb)]
             )
     ws.write_submissions(subs)
-    # the reference and the release go through the course's real grading (sandbox included);
-    # the stored wrong answers are the instructor's own code: same scoring, plain warm kernels
-    own = [s for s in subs if s.student in (SOLUTION, RELEASE)]
-    scores = ws.batch(own, workers=workers, quiet=quiet)
-    scores += ws.batch([s for s in subs if s.student not in (SOLUTION, RELEASE)], trusted=True,
-                       workers=workers, quiet=quiet)
+    # one batch, the course's real grading for all: sandboxed warm kernels and the evidence-based scoring
+    scores = ws.batch(subs, workers=workers, quiet=quiet)
     for s in scores:
         r = reports[(s.assignment, s.notebook)]
         if s.student == SOLUTION:

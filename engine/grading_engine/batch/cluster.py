@@ -123,11 +123,27 @@ def pack(folder: Path, ignore: tuple[str, ...] = (".ipynb_checkpoints", "__pycac
 
 
 def unpack(data: bytes, dest: Path) -> None:
-    """The inverse of :func:`pack` into a fresh ``dest`` (paths out of ``dest`` refused)."""
+    """The inverse of :func:`pack` into a fresh ``dest``: folders and regular files only, none out of ``dest``.
+
+    Checked here, member by member, rather than with ``extractall(filter="data")``, which Python 3.11
+    has only from 3.11.4 (Debian 12's python3 is 3.11.2)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
+    root = dest.resolve()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        tar.extractall(dest, filter="data")
+        for member in tar:
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(root) or target == root:
+                raise ValueError(f"refused in a packed folder: {member.name!r} (only files and folders inside it)")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            with open(target, "wb") as fh:
+                shutil.copyfileobj(src, fh)
+            os.chmod(target, (member.mode & 0o755) | 0o600)
+            os.utime(target, (member.mtime, member.mtime))
 
 
 # --------------------------------------------------------------------------- the worker side

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 from dataclasses import dataclass, field
 
 EV = "__course_ev__"
@@ -347,7 +348,19 @@ def plan_cell(gid: str, source: str, tainted: set[str],
 def instrument_cell(gid: str, source: str, tainted: set[str], nonce: str,
                     modules: frozenset[str] | set[str] = frozenset()) -> tuple[str, CellPlan]:
     """The source sent to the kernel instead of a test cell, and the plan the grader checks it against."""
-    plan, tree = plan_cell(gid, source, tainted, modules)
+    text, plan = _instrumented(gid, source, frozenset(tainted), frozenset(modules))
+    return text.replace(repr(_NONCE), repr(nonce)), plan
+
+
+# the rewriting does not depend on the nonce: done once per process and cell, with this in its place (a
+# reserved name, as every name of the instrumentation is)
+_NONCE = "__course_ev_nonce_here__"
+
+
+@functools.lru_cache(maxsize=512)
+def _instrumented(gid: str, source: str, tainted: frozenset[str], modules: frozenset[str]) -> tuple[str, CellPlan]:
+    nonce = _NONCE
+    plan, tree = plan_cell(gid, source, set(tainted), modules)
     if tree is None:
         # cannot parse even with IPython's transformers: only completion is recorded
         body = source

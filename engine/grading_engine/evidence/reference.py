@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -104,23 +105,40 @@ def reference_notebook(source_path: Path, gbnb: GradebookNotebook | None) -> Not
     return nb
 
 
+# The analyses below depend only on the reference's code cells, the same for every submission of a
+# notebook: each is computed once per grading process (a batch worker grades a whole class).
+
+def _code_cells(ref: NotebookNode) -> tuple[tuple[str, str, str | None], ...]:
+    return tuple((role(c), c.source, nbg(c).get("grade_id")) for c in ref.cells if c.cell_type == "code")
+
+
+@functools.lru_cache(maxsize=64)
+def _taint(cells: tuple) -> frozenset[str]:
+    return frozenset(notebook_taint([(r, src) for r, src, _ in cells]))
+
+
+@functools.lru_cache(maxsize=64)
+def _modules(cells: tuple) -> frozenset[str]:
+    return frozenset(notebook_modules([src for _, src, _ in cells]))
+
+
+@functools.lru_cache(maxsize=64)
+def _plans(cells: tuple) -> dict:
+    tainted, modules = _taint(cells), _modules(cells)
+    return {gid: plan_cell(gid, src, set(tainted), modules)[0] for r, src, gid in cells if r == "test"}
+
+
 def taint_of(ref: NotebookNode) -> set[str]:
-    return notebook_taint([(role(c), c.source) for c in ref.cells if c.cell_type == "code"])
+    return set(_taint(_code_cells(ref)))
 
 
 def modules_of(ref: NotebookNode) -> set[str]:
-    return notebook_modules([c.source for c in ref.cells if c.cell_type == "code"])
+    return set(_modules(_code_cells(ref)))
 
 
 def plans_of(ref: NotebookNode) -> dict:
-    """grade_id -> CellPlan of every test cell of the reference notebook."""
-    tainted, modules = taint_of(ref), modules_of(ref)
-    out = {}
-    for c in ref.cells:
-        if role(c) == "test":
-            gid = nbg(c).get("grade_id")
-            out[gid] = plan_cell(gid, c.source, tainted, modules)[0]
-    return out
+    """grade_id -> CellPlan of every test cell of the reference notebook (shared: do not change them)."""
+    return dict(_plans(_code_cells(ref)))
 
 
 def assert_plans(plans: dict) -> dict:

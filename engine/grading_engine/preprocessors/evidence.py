@@ -249,7 +249,8 @@ class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
             everything = report.set_stage_flags(
                 cd.root, nbinfo["assignment"], nbinfo["student"], nbinfo["notebook"], "run", flags, cells=verdicts,
                 sandbox="on" if sandboxed and GradingEngine(parent=self).sandbox else "off",
-                execution={"stopped": stopped, "truncated_cells": execution.get("truncated_cells")})
+                execution={"stopped": stopped, "truncated_cells": execution.get("truncated_cells"),
+                           "kernel": execution.get("kernel")})
             if everything:
                 self._flag_in_gradebook(nbinfo)
         except Exception:

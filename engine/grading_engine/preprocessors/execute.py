@@ -106,6 +106,7 @@ class SandboxedExecute(Execute):
             return super().preprocess(nb, resources, km)
         require_sandbox(self.log, settings)
         self._launcher_args = []
+        server = None
         if self.kernel_name == KERNEL_NAME:
             ensure_kernelspec(settings.sandbox_packages, settings.bwrap)
             self._launcher_args = launcher_arguments(settings)
@@ -127,6 +128,9 @@ class SandboxedExecute(Execute):
             "stopped": self._stopped,
             "truncated_cells": sorted(self._truncated),
             "audit": self._events,
+            # where the kernel came from: a warm sandbox server, a sandbox of its own, or no sandbox
+            "kernel": ("cold" if server is None or any(e.get("e") == "sandbox.cold" for e in self._events)
+                       else "warm") if self.kernel_name == KERNEL_NAME else "unsandboxed",
         }
         return nb_out, res
 
