@@ -84,3 +84,14 @@ def test_every_pin_installs_on_every_python_311():
         if needs and not SpecifierSet(needs).contains("3.11.0"):
             narrow.append(f"{name} needs Python {needs}")
     assert not narrow, "pins that refuse an early Python 3.11: " + "; ".join(narrow)
+
+
+def test_importing_nbformat_compiles_no_grammar():
+    """Every nbgrader command and batch worker imports nbformat: it must not build parsers at import time
+    (rfc3987-syntax, pulled in by jsonschema 4.24+, compiles 38 Lark grammars: seconds per process)."""
+    import subprocess
+    import sys
+
+    code = "import sys, nbformat, jsonschema; print(sorted(m for m in ('lark', 'rfc3987_syntax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"importing nbformat loaded {out}"
