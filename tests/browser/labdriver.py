@@ -159,10 +159,29 @@ class Lab:
         self.page.locator(".lm-MenuBar-itemLabel", has_text="Nbgrader").wait_for()
         return self
 
+    def open_menu(self, top: str):
+        """Open a menu of the menu bar; return its item labels' locator.
+
+        A click on the menu bar toggles: a menu still closing (after Escape, on a slow machine) is opened
+        again rather than waited for in vain."""
+        label = self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(top)}$"))
+        items = self.page.locator(".lm-Menu-content .lm-Menu-itemLabel")
+        for attempt in range(3):
+            label.click()
+            try:
+                items.first.wait_for(state="visible", timeout=10_000)
+                return items
+            except Exception:
+                if attempt == 2:
+                    raise
+        return items
+
+    def close_menu(self) -> None:
+        self.page.keyboard.press("Escape")
+        self.page.locator(".lm-Menu-content").first.wait_for(state="detached")
+
     def menu(self, top: str, item: str) -> None:
-        self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(top)}$")).click()
-        self.page.locator(".lm-Menu-content .lm-Menu-itemLabel",
-                          has_text=re.compile(f"^{re.escape(item)}$")).click()
+        self.open_menu(top).filter(has_text=re.compile(f"^{re.escape(item)}$")).click()
 
     def shot(self, name: str, locator=None, top=None, margin: int = 0) -> Path:
         """Screenshot into the artifacts folder: of the page, of one element (``locator``),

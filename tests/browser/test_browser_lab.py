@@ -272,9 +272,7 @@ def _instructor_session(lab: Lab) -> None:
 
 
 def _menu_items(lab: Lab, top: str) -> list[str]:
-    lab.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(top)}$")).click()
-    labels = lab.page.locator(".lm-Menu-content .lm-Menu-itemLabel")
-    labels.first.wait_for()
+    labels = lab.open_menu(top)
     items = [t.strip() for t in labels.all_inner_texts() if t.strip()]
-    lab.page.keyboard.press("Escape")
+    lab.close_menu()
     return items
