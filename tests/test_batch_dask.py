@@ -206,6 +206,7 @@ def test_a_folder_travels_as_bytes_and_back(tmp_path):
     src = tmp_path / "src"
     (src / "sub" / "deep").mkdir(parents=True)
     (src / "a.ipynb").write_text('{"cells": []}')
+    (src / "a.ipynb").chmod(0o444)  # nbgrader's autograded notebooks are read-only: they stay so
     (src / "sub" / "deep" / "b.bin").write_bytes(bytes(range(256)))
     (src / "__pycache__").mkdir()
     (src / "__pycache__" / "x.pyc").write_bytes(b"junk")
@@ -215,6 +216,7 @@ def test_a_folder_travels_as_bytes_and_back(tmp_path):
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert got == ["a.ipynb", "sub", "sub/deep", "sub/deep/b.bin"]
     assert (out / "sub" / "deep" / "b.bin").read_bytes() == bytes(range(256))
+    assert (out / "a.ipynb").stat().st_mode & 0o777 == 0o444
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "device"])

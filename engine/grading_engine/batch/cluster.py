@@ -142,7 +142,7 @@ def unpack(data: bytes, dest: Path) -> None:
             src = tar.extractfile(member)
             with open(target, "wb") as fh:
                 shutil.copyfileobj(src, fh)
-            os.chmod(target, (member.mode & 0o755) | 0o600)
+            os.chmod(target, member.mode & 0o755)  # as tarfile's data filter: no setuid, no group or other write
             os.utime(target, (member.mtime, member.mtime))
 
 
