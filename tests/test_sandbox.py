@@ -293,3 +293,44 @@ def test_every_hop_of_a_symlinked_interpreter_is_mounted(tmp_path):
     roots = python_roots(str(venv_python))
     for folder in (tmp_path / "venv" / "bin", tmp_path / "bin", tmp_path / "alternatives", real.parent):
         assert any(folder == r or r in folder.parents for r in roots), (folder, roots)
+
+
+@needs_sandbox
+def test_an_ordinary_user_gets_the_same_walls_cold_and_warm():
+    """Run as root, the suite grades as root: the sandbox's other path (an ordinary user's unprivileged user
+    namespace, what most instructors have) is checked here as ``nobody``, with ``sandbox check``."""
+    if os.geteuid() != 0:
+        pytest.skip("the suite itself runs as an ordinary user: every sandbox test above took that path")
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="course-nobody-"))  # pytest's own folders are root's alone
+    os.chown(home, 65534, 65534)
+    try:
+        _check_as_nobody(home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _check_as_nobody(home: Path) -> None:
+    def become_nobody():
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    env = {"HOME": str(home), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import grading_engine"], env=env, cwd=home,
+                               preexec_fn=become_nobody, capture_output=True, text=True)
+        why = probe.stderr.strip()[-300:] if probe.returncode else ""
+    except OSError as exc:  # the interpreter itself cannot be run by that user
+        why = str(exc)
+    if why:
+        pytest.skip("this Python environment is not readable by an ordinary user (under /root?), so the "
+                    f"ordinary user's sandbox path cannot be checked here: {why}")
+    proc = subprocess.run([sys.executable, "-m", "grading_engine.sandbox", "check"], env=env, cwd=home,
+                          preexec_fn=become_nobody, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "unprivileged user namespace" in out and "warm: forked by the warm server" in out, out[-4000:]
+    assert not [ln for ln in out.splitlines() if ln.startswith("FAIL")], out[-4000:]
