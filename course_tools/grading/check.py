@@ -164,18 +164,15 @@ def grade(assignments: list[str], workdir: Path, workers: int | None = None, qui
                 a, p.stem, sum(c.points for c in test_cells(nb)), tids, [c.grade_id for c in answer_cells(nb)]
             )
     ws.write_submissions(subs)
-    # one batch, the course's real grading for all: warm sandboxed kernels and the evidence-based scoring;
-    # where warm sandboxed kernels cannot be had (an installation under /tmp), a fresh sandbox per stored
-    # wrong answer would cost minutes: those (the instructor's own code) run in plain warm kernels instead
+    # the reference and the release first, in a batch of their own (warm sandboxed kernels, evidence-based
+    # scoring); then the stored wrong answers the same way, or, where warm sandboxed kernels cannot be had
+    # (an installation under /tmp), with the same scoring in plain warm kernels rather than a fresh sandbox each
     from grading_engine.sandbox.warm import unavailable_here
 
-    if unavailable_here(["course"]):
-        own = [s for s in subs if s.student in (SOLUTION, RELEASE)]
-        scores = ws.batch(own, workers=workers, quiet=quiet)
-        scores += ws.batch([s for s in subs if s.student not in (SOLUTION, RELEASE)], workers=workers,
-                           quiet=quiet, trusted=True)
-    else:
-        scores = ws.batch(subs, workers=workers, quiet=quiet)
+    own = [s for s in subs if s.student in (SOLUTION, RELEASE)]
+    scores = ws.batch(own, workers=workers, quiet=quiet)
+    scores += ws.batch([s for s in subs if s.student not in (SOLUTION, RELEASE)], workers=workers,
+                       quiet=quiet, trusted=bool(unavailable_here(["course"])))
     for s in scores:
         r = reports[(s.assignment, s.notebook)]
         if s.student == SOLUTION:
