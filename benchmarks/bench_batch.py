@@ -247,13 +247,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="batch workers (default: CPU count)")
     ap.add_argument("--scheduler", default=None, help="grade 'full' on the Dask cluster of this scheduler")
     ap.add_argument("--keep", action="store_true", help="keep the course directories")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the course directories go (default: the temp folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     n = 6 if args.quick else args.students
     assignments = args.assignments or sorted(p.name for p in SOURCE_DIR.iterdir()
                                              if p.is_dir() and any(p.glob("*.ipynb")))
     workers = args.workers or os.cpu_count() or 1
-    base = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=os.environ.get("BENCH_DIR")))
+    base = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=args.workdir))
     print(f"course directories in {base}; {n} students; assignments {assignments}; {os.cpu_count()} CPUs; "
           f"configurations {args.configs}; load average {os.getloadavg()[0]:.1f}", flush=True)
 

@@ -111,8 +111,8 @@ class Workspace:
             for stem, nb in sub.notebooks.items():
                 nbformat.write(nb, str(sdir / f"{stem}.ipynb"))
 
-    def batch(self, submissions: list[Submission], workers: int | None = None, quiet: bool = True,
-              trusted: bool = False) -> list[NotebookScore]:
+    def batch(self, submissions: list[Submission], trusted: bool = False, workers: int | None = None,
+              quiet: bool = True) -> list[NotebookScore]:
         """Grade written submissions with the course's batch grader (``python -m grading_engine.batch grade``).
 
         Each notebook goes through nbgrader's own autograde with this

@@ -128,11 +128,16 @@ class SandboxedExecute(Execute):
             "stopped": self._stopped,
             "truncated_cells": sorted(self._truncated),
             "audit": self._events,
-            # where the kernel came from: a warm sandbox server, a sandbox of its own, or no sandbox
-            "kernel": ("cold" if server is None or any(e.get("e") == "sandbox.cold" for e in self._events)
-                       else "warm") if self.kernel_name == KERNEL_NAME else "unsandboxed",
+            "kernel": self._kernel_origin(server),
         }
         return nb_out, res
+
+    def _kernel_origin(self, server) -> str:
+        """Where the kernel came from: a warm sandbox server, a sandbox of its own, or no sandbox."""
+        if self.kernel_name != KERNEL_NAME:
+            return "unsandboxed"
+        fell_back = any(e.get("e") == "sandbox.cold" for e in self._events)
+        return "warm" if server is not None and not fell_back else "cold"
 
     def _reset_counts(self, settings: GradingEngine) -> None:
         self._caps = dict(settings.output_caps)
