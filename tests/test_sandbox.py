@@ -334,3 +334,40 @@ def _check_as_nobody(home: Path) -> None:
     assert proc.returncode == 0, out[-4000:]
     assert "unprivileged user namespace" in out and "warm: forked by the warm server" in out, out[-4000:]
     assert not [ln for ln in out.splitlines() if ln.startswith("FAIL")], out[-4000:]
+
+
+@needs_sandbox
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_importing_the_mounted_package_in_a_cell_is_not_reported(tmp_path, warm):
+    """A kernel that did not preload the course package (a warm server started for a notebook whose setup cell
+    does not import it, say) reads the package's files, and lists the folder holding it, on its first import in
+    a cell: that is the package the sandbox mounts for the notebooks, not file access to report; a file next to
+    it is still reported."""
+    from grading_engine.sandbox.bwrap import package_dir
+    from grading_engine.sandbox.selftest import SandboxKernel, check_settings, kernel_arguments
+    from grading_engine.sandbox.warm import stop_all, unavailable_here
+
+    if warm and unavailable_here(["course"]):
+        pytest.skip(f"no warm kernels with this installation: {unavailable_here(['course'])}")
+    settings = check_settings(warm=warm)
+    settings.preload = []
+    stop_all()  # a server of this process started for other notebooks may hold the package already
+    work = tmp_path / "work"
+    work.mkdir()
+    k = SandboxKernel(work, launcher_args=kernel_arguments(settings))
+    pkg = str(package_dir("course"))
+    try:
+        out, err = k.run("import sys; print('course' in sys.modules)")
+        assert (err, out.strip()) == (None, "False"), "the kernel imported the package before the cell"
+        out, err = k.run("import course.toy_models, course.training, os; print(len(os.listdir(course.__path__[0])))")
+        assert err is None and int(out) > 0, (out, err)
+        out, err = k.run("import os\ntry:\n    open(os.path.join(os.path.dirname(course.__path__[0]), 'README.md'))\n"
+                         "except OSError:\n    pass")
+        assert err is None, err
+        events = [e for e in k.audit() if e.get("p")]
+        inside = [e for e in events if all(p == pkg or p.startswith(pkg + "/") for p in e["p"])]
+        assert not inside, inside[:5]
+        assert [e["p"] for e in events] == [[os.path.join(os.path.dirname(pkg), "README.md")]], events
+    finally:
+        k.close()
+        stop_all()

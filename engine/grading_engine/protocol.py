@@ -112,6 +112,11 @@ class Flag:
 # (grading_engine.kernel.warm) for one kernel: one WarmRequest, as one SOCK_SEQPACKET message, with the
 # kernel's stdout, stderr and audit pipe as SCM_RIGHTS; the server's child answers with WarmReply messages.
 
+PACKAGE_DIRS_ENV = "COURSE_PACKAGE_DIRS"
+"""The kernel's environment variable that names the folders of the packages the notebooks import
+(``GradingEngine.sandbox_packages``, ``os.pathsep``-separated): the launcher sets it, sandboxed or not, and
+the kernel's audit counts reading them as normal (a warm kernel whose server did not import a package
+reads its files on the first import; a cold one reads them while preloading)."""
 SANDBOX_HOME = "/home/student"
 """The kernel's ``$HOME`` inside the sandbox; the copy of the notebook's folder is a folder of it."""
 SANDBOX_RUN = "/run/kernel"

@@ -11,7 +11,7 @@ reported by the launcher.)
 What is reported:
 
 * file-system access outside the places a notebook may use (its own folder,
-  ``$HOME``, ``/tmp``, the Python installation, ``/usr``, ...): ``open``,
+  ``$HOME``, ``/tmp``, the Python installation, the packages the notebooks import, ``/usr``, ...): ``open``,
   directory listings, deletions, renames, ``chdir``;
 * network, processes and signals: sockets, ``subprocess``, ``os.system``,
   ``fork``, ``kill``;
@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from grading_engine.protocol import PACKAGE_DIRS_ENV
+
 ALWAYS = frozenset({
     "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
     "socket.gethostbyname", "socket.gethostbyaddr", "urllib.Request", "http.client.connect",
@@ -46,6 +48,7 @@ PATHS = {  # event -> indexes of path arguments
     "os.chown": (0,), "os.link": (0, 1), "os.symlink": (0, 1), "os.truncate": (0,), "os.utime": (0,),
     "os.walk": (0,), "os.fwalk": (0,),
 }
+LISTINGS = frozenset({"os.listdir", "os.scandir"})
 DIRECT = {  # event -> how many frames below a notebook cell still count as "done by the cell"
     "ctypes.dlopen": 1, "ctypes.dlsym": 1, "ctypes.cdata": 1, "ctypes.PyObj_FromPtr": 1, "ctypes.string_at": 1,
     "ctypes.addressof": 1, "gc.get_objects": 0, "gc.get_referrers": 0, "gc.get_referents": 0,
@@ -60,6 +63,7 @@ _t0 = time.monotonic()
 _count = 0
 _local = threading.local()
 _allowed: tuple[str, ...] = ()
+_listable: frozenset[str] = frozenset()
 _cell_prefixes: tuple[str, ...] = ()
 _own_dir = os.path.dirname(os.path.abspath(__file__))
 _sandbox_dir = os.path.join(os.path.dirname(_own_dir), "sandbox")
@@ -75,6 +79,7 @@ def allowed_roots() -> tuple[str, ...]:
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.dirname(_own_dir))):
         roots.add(p)
         roots.add(os.path.realpath(p))
+    roots.update(package_dirs())
     home = os.path.expanduser("~")
     if os.environ.get("COURSE_SANDBOX_ACTIVE") == "1":
         roots.add(home)
@@ -87,7 +92,19 @@ def allowed_roots() -> tuple[str, ...]:
     return tuple(sorted(r.rstrip("/") for r in roots if r))
 
 
-def _outside(path) -> str | None:
+def package_dirs() -> set[str]:
+    """The folders of the packages the notebooks import (:data:`PACKAGE_DIRS_ENV`), as given and resolved."""
+    return {q for p in os.environ.get(PACKAGE_DIRS_ENV, "").split(os.pathsep) if p.startswith("/")
+            for q in (p.rstrip("/"), os.path.realpath(p))}
+
+
+def listable_dirs() -> frozenset[str]:
+    """Folders only listed without a report: those holding the packages, which the import system lists
+    to find them (in the sandbox they hold nothing else)."""
+    return frozenset(os.path.dirname(p) for p in package_dirs())
+
+
+def _outside(path, listing: bool = False) -> str | None:
     if isinstance(path, int) or path is None:
         return None
     try:
@@ -98,6 +115,8 @@ def _outside(path) -> str | None:
     for r in _allowed:
         if full == r or full.startswith(r + "/"):
             return None
+    if listing and full in _listable:
+        return None
     return full
 
 
@@ -137,7 +156,8 @@ def _hook(event: str, args: tuple) -> None:
             return
         rec = None
         if event in PATHS:
-            outside = [o for i in PATHS[event] if i < len(args) and (o := _outside(args[i]))]
+            listing = event in LISTINGS
+            outside = [o for i in PATHS[event] if i < len(args) and (o := _outside(args[i], listing))]
             if outside:
                 depth, where, ours = _cell_depth()
                 if not ours:
@@ -187,11 +207,12 @@ def emit(event: str, *args) -> None:
 
 def install(fd: int) -> None:
     """Install the hook, writing to ``fd`` (negative: record nothing)."""
-    global _fd, _allowed, _cell_prefixes, _t0
+    global _fd, _allowed, _listable, _cell_prefixes, _t0
     _t0 = time.monotonic()  # event times count from here (a warm kernel imported this module long before)
     _local.busy = True
     try:
         _allowed = allowed_roots()
+        _listable = listable_dirs()
         import tempfile
 
         tmp = tempfile.gettempdir()

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from grading_engine.protocol import SANDBOX_HOME, SANDBOX_RUN, WARM_DIR  # names both sides use
+from grading_engine.protocol import PACKAGE_DIRS_ENV, SANDBOX_HOME, SANDBOX_RUN, WARM_DIR  # names both sides use
 
 UID_BASE = 200_000  # root: each kernel runs as UID_BASE + launcher pid (unique among live kernels)
 
@@ -164,6 +164,11 @@ def package_dir(name: str) -> Path:
 def package_mounts(packages: Sequence[str] = ()) -> list[Path]:
     """What the sandbox mounts read-only besides Python: the engine's kernel side and the named packages."""
     return [ENGINE_DIR / part for part in KERNEL_SIDE] + [package_dir(n) for n in packages]
+
+
+def package_dirs_value(packages: Sequence[str] = ()) -> str:
+    """The kernel's :data:`~grading_engine.protocol.PACKAGE_DIRS_ENV`: the folders of ``packages``."""
+    return os.pathsep.join(str(package_dir(n)) for n in packages)
 
 
 def import_roots(packages: Sequence[str] = ()) -> list[str]:
@@ -340,6 +345,7 @@ def sandbox_env(limits: Limits, extra: dict[str, str] | None = None, packages: S
         "MALLOC_ARENA_MAX": "2",
         "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor",
         "COURSE_SANDBOX_ACTIVE": "1",
+        PACKAGE_DIRS_ENV: package_dirs_value(packages),
         # the kernel's parent is the sandbox's init (pid 1): no parent polling, no console banner
         "JPY_PARENT_PID": "1",
     }

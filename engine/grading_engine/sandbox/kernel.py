@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from grading_engine.protocol import WARM_KERNELS, WarmEvent, WarmReply, WarmRequest
+from grading_engine.protocol import PACKAGE_DIRS_ENV, WARM_KERNELS, WarmEvent, WarmReply, WarmRequest
 from grading_engine.sandbox import OPT_OUT_WARNING, SANDBOX_OPT_OUT_EVENT
 from grading_engine.sandbox.bwrap import (
     SANDBOX_RUN,
@@ -57,6 +57,7 @@ from grading_engine.sandbox.bwrap import (
     Limits,
     build_command,
     is_root,
+    package_dirs_value,
     rlimits,
     sandbox_env,
     write_etc,
@@ -356,6 +357,7 @@ def run_unsandboxed(args: LaunchArgs, audit_w: int, sink: AuditSink, state: dict
     env = dict(os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent.parent)
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env[PACKAGE_DIRS_ENV] = package_dirs_value(args.packages)
     proc = subprocess.Popen(inner_command(args, audit_w, str(args.connection_file)), env=env, pass_fds=(audit_w,))
     os.close(audit_w)
     state["proc"] = proc
