@@ -241,3 +241,21 @@ def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind):
     with pytest.raises(ValueError, match="refused"):
         unpack(buf.getvalue(), tmp_path / "dest")
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
+
+
+def test_the_local_clusters_workers_leave_the_cores_to_the_kernels():
+    """The batch's own LocalCluster: its workers run without Dask's profiler and with slow monitors (the
+    settings reach the worker processes, not only the client)."""
+    import dask
+    from grading_engine.batch.cluster import LOCAL_WORKER_CONFIG, connect
+
+    keys = {**LOCAL_WORKER_CONFIG, "distributed.scheduler.allowed-failures": None}
+    # connect() sets these in this process's configuration: leaving the block puts back what they were
+    with dask.config.set({k: dask.config.get(k) for k in keys}):
+        cluster = connect("", workers=1, allowed_failures=1)
+        try:
+            seen = cluster.client.run(lambda: {k: dask.config.get(k) for k in LOCAL_WORKER_CONFIG})
+        finally:
+            cluster.close()
+    assert list(seen.values()) == [LOCAL_WORKER_CONFIG], seen
+    assert LOCAL_WORKER_CONFIG["distributed.worker.profile.enabled"] is False

@@ -371,3 +371,39 @@ def test_importing_the_mounted_package_in_a_cell_is_not_reported(tmp_path, warm)
     finally:
         k.close()
         stop_all()
+
+
+def test_a_batch_workers_warm_server_imports_every_notebooks_setup_modules(monkeypatch):
+    """The batch worker names the whole course's setup imports; the server it starts for its first notebook
+    imports those too, so that a later notebook's kernel does not import its own (and read their files)."""
+    import nbformat
+    from grading_engine.sandbox import warm
+    from grading_engine.sandbox.selftest import check_settings
+
+    started = []
+
+    class FakeServer:
+        socket = Path("/nowhere/server.sock")
+        started_s = 0.0
+        info: dict = {}
+
+        def alive(self):
+            return True
+
+        def stop(self):
+            pass
+
+    def fake_start(key, preload):
+        started.append(preload)
+        return FakeServer()
+
+    monkeypatch.setattr(warm, "start_server", fake_start)
+    monkeypatch.setattr(warm, "_SERVERS", {})
+    monkeypatch.setattr(warm, "_FAILED", {})
+    monkeypatch.setattr(warm, "_ALSO_PRELOAD", [])
+    warm.also_preload(["course.thinker", "torch", "course.thinker"])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import numpy as np\nfrom course import media")])
+    assert warm.server_for(check_settings(warm=True), nb) == FakeServer.socket
+    assert len(started) == 1
+    assert {"course.thinker", "torch", "numpy", "course"} <= set(started[0]), started[0]
+    assert len(started[0]) == len(set(started[0])), started[0]

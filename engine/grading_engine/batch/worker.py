@@ -72,6 +72,9 @@ def main() -> int:
     from grading_engine.batch import kernels
 
     kernels.install(workdir, setup.get("preload"), dict(os.environ), extra_path=extra)
+    from grading_engine.sandbox import warm
+
+    warm.also_preload(setup.get("preload"))  # the warm sandboxed kernels' server imports the same modules
     app = load_app(proto, workdir, setup.get("nbgrader_args") or [])
     if app is None:
         return 3

@@ -43,6 +43,13 @@ from grading_engine.sandbox.bwrap import (
 
 START_TIMEOUT = 180.0  # seconds for the server's imports (torch) on a loaded machine
 ALWAYS_PRELOAD = ("IPython", "matplotlib_inline.backend_inline")
+_ALSO_PRELOAD: list[str] = []  # see also_preload
+
+
+def also_preload(modules: list[str] | None) -> None:
+    """Modules every server this process starts imports too, besides the first notebook's setup imports:
+    a batch worker names those of all the notebooks it may grade, so that no kernel imports them itself."""
+    _ALSO_PRELOAD[:] = list(dict.fromkeys(modules or []))
 
 
 class WarmUnavailable(RuntimeError):
@@ -203,7 +210,8 @@ def server_for(settings, nb=None, log=None) -> Path | None:
         if server is None:
             for other in list(_SERVERS):  # one server per process: one for other settings is stopped
                 _SERVERS.pop(other).stop()
-            preload = [*settings.preload, *ALWAYS_PRELOAD, *(setup_imports(nb) if nb is not None else [])]
+            preload = [*settings.preload, *ALWAYS_PRELOAD, *_ALSO_PRELOAD,
+                       *(setup_imports(nb) if nb is not None else [])]
             try:
                 server = _SERVERS[key] = start_server(key, list(dict.fromkeys(preload)))
             except (WarmUnavailable, OSError) as exc:
