@@ -153,7 +153,7 @@ def wait_for(cond, timeout=300.0, proc: subprocess.Popen | None = None) -> None:
 
 
 def workers_of(pid: int) -> list[int]:
-    """The grading processes under the batch process ``pid`` (each in a Dask worker process of its LocalCluster)."""
+    """The grading processes under the batch process ``pid`` (one per worker of its LocalCluster)."""
     children: dict[int, list[int]] = {}
     cmds: dict[int, str] = {}
     for p in Path("/proc").iterdir():

@@ -244,8 +244,8 @@ def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind):
 
 
 def test_the_local_clusters_workers_leave_the_cores_to_the_kernels():
-    """The batch's own LocalCluster: its workers run without Dask's profiler and with slow monitors (the
-    settings reach the worker processes, not only the client)."""
+    """The batch's own LocalCluster: its workers are threads of the batch's process (no worker processes or
+    nannies beside the grading processes), without Dask's profiler and with slow monitors."""
     import dask
     from grading_engine.batch.cluster import LOCAL_WORKER_CONFIG, connect
 
@@ -255,7 +255,9 @@ def test_the_local_clusters_workers_leave_the_cores_to_the_kernels():
         cluster = connect("", workers=1, allowed_failures=1)
         try:
             seen = cluster.client.run(lambda: {k: dask.config.get(k) for k in LOCAL_WORKER_CONFIG})
+            pids = cluster.client.run(os.getpid)
         finally:
             cluster.close()
     assert list(seen.values()) == [LOCAL_WORKER_CONFIG], seen
+    assert list(pids.values()) == [os.getpid()], pids
     assert LOCAL_WORKER_CONFIG["distributed.worker.profile.enabled"] is False

@@ -161,7 +161,7 @@ class GradingEngine(Configurable):
         "", "COURSE_DASK_SCHEDULER",
         help="Address of a running Dask scheduler (tcp://HOST:PORT) whose workers grade the batch; the "
              "command line's --scheduler wins. Empty: a LocalCluster on this machine, one single-threaded "
-             "worker process per --workers.",
+             "worker per --workers, each with its own grading process.",
     ).tag(config=True)
     batch_engine = EnvUnicode(
         "dask", "COURSE_BATCH_ENGINE",

@@ -381,9 +381,9 @@ class Cluster:
 
 # A LocalCluster's processes share the cores with the kernels they grade, and a grading task's thread only
 # waits on its grading process's pipe: no statistical profiler every 10 ms, no GIL monitor, the event-loop
-# and system monitors at a slower pace. Idle, the cluster of two workers then uses 0.5 CPU-seconds per
-# 30 s instead of 2.4 (measured here). A cluster started by hand takes the same through DASK_* variables
-# (docs/batch-cluster.md).
+# and system monitors at a slower pace. Measured here, idle, two workers used 2.4 CPU-seconds per 30 s as
+# worker processes with Dask's defaults, 0.5 as worker processes with these, 0.3 as the threads connect()
+# starts. Workers started by hand take the same through DASK_* variables (docs/batch-cluster.md).
 LOCAL_WORKER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.system-monitor.gil.enabled": False,
@@ -394,7 +394,12 @@ LOCAL_WORKER_CONFIG = {
 
 
 def connect(address: str, workers: int, allowed_failures: int) -> Cluster:
-    """A client of the scheduler at ``address``, or of a new LocalCluster of ``workers`` single-threaded processes."""
+    """A client of the scheduler at ``address``, or of a new LocalCluster of ``workers`` single-threaded workers.
+
+    The LocalCluster's workers are threads of this process (``processes=False``): a task only sends a
+    submission to the worker's grading process (:class:`GradingPlugin`) and waits on its pipe, so worker
+    processes and their nannies would only add memory and wake-ups. A grading process that dies is
+    restarted by its plugin, as on any cluster."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -405,7 +410,7 @@ def connect(address: str, workers: int, allowed_failures: int) -> Cluster:
             raise SchedulerUnreachable(f"cannot reach the Dask scheduler at {address}: "
                                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures, **LOCAL_WORKER_CONFIG})
-    local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+    local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, silence_logs=logging.ERROR,
                          dashboard_address=":0")  # any free port: never a clash with another run's 8787
     try:
         return Cluster(Client(local, set_as_default=False), local)

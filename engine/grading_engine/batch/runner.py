@@ -769,7 +769,7 @@ def _run(course: Course, db, assignments: list[str], jobs: list[Job], summary: S
 def _run_dask(course: Course, db, assignments: list[str], jobs: list[Job], summary: Summary, workers: int | None,
               warm: bool, fast_shutdown: bool, progress: bool, job_timeout: float, stop_after: int | None,
               address: str) -> None:
-    """Grade ``jobs`` on Dask: a LocalCluster of ``workers`` processes, or the cluster at ``address``."""
+    """Grade ``jobs`` on Dask: a LocalCluster of ``workers`` workers, or the cluster at ``address``."""
     from grading_engine.batch import cluster
 
     size = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
