@@ -313,3 +313,40 @@ def test_output_caps_are_per_mime_type():
     assert len(outs) == 2 and 1 not in ep._truncated
     ep.output(outs, show("text/plain", 200), None, 1)
     assert 1 in ep._truncated and "too much output" in outs[-1]["text"]
+
+
+@pytest.mark.parametrize("course_sets, env_sets, workers, expected", [
+    (None, None, 2, "share"),  # nothing chosen: this machine's cores shared by the batch's grading processes
+    (3, None, 2, 3),  # the course's nbgrader_config.py wins
+    (None, "3", 2, 3),  # so does COURSE_SANDBOX_THREADS
+    (None, None, None, "default"),  # a worker of a cluster started by hand: the setting as it is
+])
+def test_a_batch_shares_the_cores_between_its_kernels(monkeypatch, course_sets, env_sets, workers, expected):
+    from grading_engine.batch.worker import THREAD_VARIABLES, share_cores
+
+    class App:
+        def __init__(self, config):
+            self.config = config
+
+        def update_config(self, overlay):
+            self.config.merge(overlay)
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in (*THREAD_VARIABLES, "COURSE_SANDBOX_THREADS")})
+    if env_sets is not None:
+        monkeypatch.setenv("COURSE_SANDBOX_THREADS", env_sets)
+    config = Config()
+    if course_sets is not None:
+        config.GradingEngine.threads = course_sets
+    app = App(config)
+    chosen = share_cores(app, workers)
+    got = GradingEngine(config=app.config).threads
+    cores = len(os.sched_getaffinity(0))
+    want = {"share": max(1, min(4, cores // 2)), "default": min(4, os.cpu_count() or 1)}.get(expected, expected)
+    assert got == want
+    if expected == "share":  # the sandboxed kernels' environment and the plain kernels' get it
+        assert chosen == want
+        assert sandbox_env(Limits.from_settings(GradingEngine(config=app.config)))["OMP_NUM_THREADS"] == str(want)
+        assert [os.environ.get(v) for v in THREAD_VARIABLES] == [str(want)] * 3
+    else:
+        assert chosen is None and not any(v in os.environ for v in THREAD_VARIABLES)

@@ -71,6 +71,7 @@ class CourseBundle:
     preload: list[str] | None  # the warm kernels' setup imports (None: cold kernels)
     fast_shutdown: bool
     job_timeout: float
+    workers_here: int | None = None  # grading processes sharing a worker's machine (a LocalCluster's size)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class GradingPlugin(WorkerPlugin):
             definitions[a] = str(run / f"definitions-{a}.json")
             Path(definitions[a]).write_text(json.dumps(rows))
         self.setup_msg = {"course_root": str(self.course), "template_db": str(run / "template.db"),
-                          "definitions": definitions, "preload": b.preload, "fast_shutdown": b.fast_shutdown}
+                          "definitions": definitions, "preload": b.preload, "fast_shutdown": b.fast_shutdown,
+                          "workers_here": b.workers_here}
         self.log_path = self.home / "worker.log"
         self.log_pos = 0
         self.lock = threading.Lock()
@@ -319,7 +321,8 @@ def grade_task(task: GradeTask) -> GradeResult:
 
 # --------------------------------------------------------------------------- the client side
 
-def bundle(course, db, assignments: list[str], warm: bool, fast_shutdown: bool, job_timeout: float) -> CourseBundle:
+def bundle(course, db, assignments: list[str], warm: bool, fast_shutdown: bool, job_timeout: float,
+           workers_here: int | None = None) -> CourseBundle:
     """The course as the workers need it: configuration, sources, template gradebook, definitions."""
     from grading_engine.batch import gradebook as gbm
     from grading_engine.batch.runner import setup_imports
@@ -342,7 +345,7 @@ def bundle(course, db, assignments: list[str], warm: bool, fast_shutdown: bool, 
     preload = setup_imports(sorted(p for a in assignments for p in course.source(a).glob("*.ipynb"))) if warm else None
     digest = hashlib.sha256(str(course.root).encode() + b"\0" + files + template).hexdigest()
     return CourseBundle(name=PLUGIN_PREFIX + digest[:16], files=files, template_db=template,
-                        definitions=definitions, preload=preload, fast_shutdown=fast_shutdown,
+                        definitions=definitions, preload=preload, fast_shutdown=fast_shutdown, workers_here=workers_here,
                         job_timeout=job_timeout)
 
 
@@ -551,7 +554,8 @@ class DaskBatch:
 def run(course, db, assignments: list[str], jobs: list[Job], summary, progress, *, address: str, workers: int,
         allowed_failures: int, warm: bool, fast_shutdown: bool, job_timeout: float, stop_after: int | None = None) -> None:
     """Grade ``jobs`` on Dask; on Ctrl-C stop at once, and leave the journal to resume from."""
-    b = bundle(course, db, assignments, warm, fast_shutdown, job_timeout)
+    # on this machine's LocalCluster the workers share its cores; on a cluster's hosts, the course's setting
+    b = bundle(course, db, assignments, warm, fast_shutdown, job_timeout, workers_here=None if address else workers)
     cluster = connect(address, workers, allowed_failures)
     batch = None
     try:

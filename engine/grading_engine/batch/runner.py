@@ -528,8 +528,10 @@ def plan(course: Course, assignments: list[str], students: list[str] | None = No
     return jobs, done
 
 
-def prepare_run(course: Course, db, assignments: list[str], warm: bool, fast_shutdown: bool) -> dict:
-    """What every worker gets once: the template gradebook, the assignments' definitions, the warm-up modules."""
+def prepare_run(course: Course, db, assignments: list[str], warm: bool, fast_shutdown: bool,
+                workers_here: int | None = None) -> dict:
+    """What every worker gets once: the template gradebook, the assignments' definitions, the warm-up modules,
+    and how many grading processes share this machine's cores (``workers_here``; see worker.share_cores)."""
     from grading_engine.batch import gradebook as gbm
 
     run_dir = course.state / "run"
@@ -547,7 +549,7 @@ def prepare_run(course: Course, db, assignments: list[str], warm: bool, fast_shu
     if warm:
         preload = setup_imports(sorted(p for a in assignments for p in course.source(a).glob("*.ipynb")))
     return {"course_root": str(course.root), "template_db": str(template), "definitions": definitions,
-            "preload": preload, "fast_shutdown": fast_shutdown}
+            "preload": preload, "fast_shutdown": fast_shutdown, "workers_here": workers_here}
 
 
 def worker_env() -> dict[str, str]:
@@ -751,7 +753,8 @@ def _run(course: Course, db, assignments: list[str], jobs: list[Job], summary: S
          warm: bool, fast_shutdown: bool, progress: bool, job_timeout: float, stop_after: int | None) -> None:
     """Grade ``jobs`` with a pool of workers; on Ctrl-C, stop at once and leave the journal to resume from."""
     size = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    pool = Pool(course, prepare_run(course, db, assignments, warm, fast_shutdown), worker_env(), size, assignments)
+    pool = Pool(course, prepare_run(course, db, assignments, warm, fast_shutdown, workers_here=size), worker_env(),
+                size, assignments)
     bar = Progress(progress, sum(j.notebooks for j in jobs), summary.skipped, len(jobs))
     sched = Scheduler(jobs, crash_budget=3 * size + 2 * len(jobs))
     try:

@@ -223,7 +223,7 @@ _INSTRUMENT = (ENGINE / "evidence" / "instrument.py").read_bytes()
 KERNEL_PARTS = ("kernel/probe.py", "kernel/audit.py", "kernel/inner.py", "kernel/warm.py", "protocol.py")
 
 
-def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None) -> str:
+def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None, threads: int | None = None) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
     h.update(_versions().encode())
@@ -236,6 +236,8 @@ def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = 
 
         sandboxed = GradingEngine().sandbox
     h.update(b"sandbox" if sandboxed else b"nosandbox")
+    if threads is not None:  # a float reduction may round differently on another number of threads
+        h.update(f"threads={threads}".encode())
     if assignment_dir.exists():
         for p in sorted(assignment_dir.rglob("*")):
             if p.is_file() and p.suffix != ".ipynb" and ".ipynb_checkpoints" not in p.parts \
@@ -265,7 +267,7 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
     from grading_engine.config import GradingEngine
 
     settings = GradingEngine(config=config)
-    key = cache_key(ref, assignment_dir, settings.sandbox)
+    key = cache_key(ref, assignment_dir, settings.sandbox, settings.threads)
     cdir = settings.reference_cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
     path = cdir / f"{key}.json"
