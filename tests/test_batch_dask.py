@@ -200,7 +200,11 @@ def test_a_dask_cluster_without_the_course_grades_like_a_local_run_even_when_a_w
     assert not list((tmp_path / "cluster").rglob("*.ipynb"))
 
 
-def test_a_folder_travels_as_bytes_and_back(tmp_path):
+@pytest.mark.parametrize("compress", [True, False], ids=["gzip", "plain"])
+def test_a_folder_travels_as_bytes_and_back(tmp_path, compress):
+    """Gzipped to a remote cluster, plain on a LocalCluster; unpacked alike."""
+    import gzip
+
     from grading_engine.batch.cluster import pack, unpack
 
     src = tmp_path / "src"
@@ -212,15 +216,19 @@ def test_a_folder_travels_as_bytes_and_back(tmp_path):
     (src / "__pycache__" / "x.pyc").write_bytes(b"junk")
     (src / "link").symlink_to("/etc/passwd")
     out = tmp_path / "out"
-    unpack(pack(src), out)
+    data = pack(src, compress=compress)
+    assert (data[:2] == b"\x1f\x8b") is compress  # the gzip magic, or a plain tar
+    assert len(gzip.decompress(data) if compress else data) > 256
+    unpack(data, out)
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert got == ["a.ipynb", "sub", "sub/deep", "sub/deep/b.bin"]
     assert (out / "sub" / "deep" / "b.bin").read_bytes() == bytes(range(256))
     assert (out / "a.ipynb").stat().st_mode & 0o777 == 0o444
 
 
+@pytest.mark.parametrize("mode", ["w:gz", "w"])
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink", "device"])
-def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind):
+def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind, mode):
     """What a worker sends back is data: no path out of the folder, no link, no device (any Python 3.11)."""
     import io
     import tarfile
@@ -228,7 +236,7 @@ def test_unpacking_refuses_what_leaves_the_folder(tmp_path, kind):
     from grading_engine.batch.cluster import unpack
 
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
         info = tarfile.TarInfo({"parent": "../escaped", "absolute": str(tmp_path / "abs"),
                                 "symlink": "link", "device": "dev"}[kind])
         if kind == "symlink":

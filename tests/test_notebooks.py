@@ -9,6 +9,7 @@ mutant in tests/mutants/.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -112,9 +113,20 @@ def test_mutant_loses_points(course_report, mutant):
         f"{score.auto_total(ids)}/{score.max_total(ids)} in {sorted(ids)}")
 
 
+VALIDATE_AT_ONCE = 2  # nbgrader validate runs, each with its own kernel
+
+
 def _validate(path: Path, invert: bool) -> str:
+    """``nbgrader validate`` as a student runs it (the ordinary kernel, no course configuration).
+
+    The runs at once share the cores: each kernel's numerical libraries get their share of threads,
+    as the batch grader's kernels do (``grading_engine.batch.worker.share_cores``)."""
+    from grading_engine.batch.worker import THREAD_VARIABLES
+
+    threads = str(max(1, (os.cpu_count() or 1) // VALIDATE_AT_ONCE))
+    env = {**clean_env(), **dict.fromkeys(THREAD_VARIABLES, threads)}
     args = [sys.executable, "-m", "nbgrader", "validate", str(path)] + (["--invert"] if invert else [])
-    proc = subprocess.run(args, capture_output=True, text=True, env=clean_env(), cwd=path.parent)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=path.parent)
     return proc.stdout + proc.stderr
 
 
@@ -125,7 +137,7 @@ def validate_reports(request):
     wanted = [nb for nb in NOTEBOOKS if selected is None or nb in selected]
     jobs = [(a, n, SOURCE_DIR / a / f"{n}.ipynb", False) for a, n in wanted]
     jobs += [(a, n, RELEASE_DIR / a / f"{n}.ipynb", True) for a, n in wanted]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=VALIDATE_AT_ONCE) as pool:
         outs = list(pool.map(lambda j: _validate(j[2], j[3]), jobs))
     return {(a, n, inv): out for (a, n, _, inv), out in zip(jobs, outs)}
 
