@@ -9,7 +9,6 @@ mutant in tests/mutants/.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -121,10 +120,9 @@ def _validate(path: Path, invert: bool) -> str:
 
     The runs at once share the cores: each kernel's numerical libraries get their share of threads,
     as the batch grader's kernels do (``grading_engine.batch.worker.share_cores``)."""
-    from grading_engine.batch.worker import THREAD_VARIABLES
+    from grading_engine.batch.worker import THREAD_VARIABLES, threads_per_kernel
 
-    threads = str(max(1, (os.cpu_count() or 1) // VALIDATE_AT_ONCE))
-    env = {**clean_env(), **dict.fromkeys(THREAD_VARIABLES, threads)}
+    env = {**clean_env(), **dict.fromkeys(THREAD_VARIABLES, str(threads_per_kernel(VALIDATE_AT_ONCE)))}
     args = [sys.executable, "-m", "nbgrader", "validate", str(path)] + (["--invert"] if invert else [])
     proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=path.parent)
     return proc.stdout + proc.stderr

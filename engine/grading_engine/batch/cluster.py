@@ -431,10 +431,11 @@ def connect(address: str, workers: int, allowed_failures: int) -> Cluster:
 class DaskBatch:
     """One run on a Dask cluster: the scheduler decides, Dask carries out, the merge puts results in the course."""
 
-    def __init__(self, course, db, cluster: Cluster, plugin: str, sched: Scheduler, summary, progress):
+    def __init__(self, course, db, cluster: Cluster, sent: CourseBundle, sched: Scheduler, summary, progress):
         from distributed import as_completed
 
-        self.course, self.db, self.cluster, self.plugin = course, db, cluster, plugin
+        self.course, self.db, self.cluster = course, db, cluster
+        self.plugin, self.compress = sent.name, sent.compress  # the plugin to call; tasks packed as its files
         self.sched, self.summary, self.progress = sched, summary, progress
         self.running: dict[Any, tuple[int, Job]] = {}
         self.tokens = itertools.count()
@@ -452,8 +453,7 @@ class DaskBatch:
             token = next(self.tokens)
             job = self.sched.next_job(token)
             task = GradeTask(self.plugin, job.assignment, job.student,
-                             pack(self.course.submitted(job.student, job.assignment), ignore=(),
-                                  compress=self.cluster.local is None),
+                             pack(self.course.submitted(job.student, job.assignment), ignore=(), compress=self.compress),
                              existing_rows(self.db, job))
             fut = self.cluster.client.submit(grade_task, task, key=f"grade-{job.assignment}-{job.student}-{token}",
                                              pure=False, retries=0)
@@ -570,7 +570,7 @@ def run(course, db, assignments: list[str], jobs: list[Job], summary, progress, 
     try:
         progress.say(cluster.describe())
         cluster.client.register_plugin(GradingPlugin(b), name=b.name)
-        batch = DaskBatch(course, db, cluster, b.name, Scheduler(jobs, crash_budget=3 * workers + 2 * len(jobs)),
+        batch = DaskBatch(course, db, cluster, b, Scheduler(jobs, crash_budget=3 * workers + 2 * len(jobs)),
                           summary, progress)
         batch.run(stop_after)
     except KeyboardInterrupt:

@@ -212,6 +212,12 @@ def configure_app(app, fast_shutdown: bool) -> None:
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def threads_per_kernel(kernels_at_once: int) -> int:
+    """This machine's cores (those this process may use) shared by ``kernels_at_once`` kernels: 1 to 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // kernels_at_once))
+
+
 def share_cores(app, workers_here: int | None) -> int | None:
     """Each kernel's threads: this machine's cores shared by the ``workers_here`` grading processes that run
     kernels at once, unless the course or ``COURSE_SANDBOX_THREADS`` chose; the count given, or None.
@@ -225,8 +231,7 @@ def share_cores(app, workers_here: int | None) -> int | None:
         return None
     from traitlets.config import Config
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, min(4, cores // workers_here))
+    threads = threads_per_kernel(workers_here)
     overlay = Config()
     overlay.GradingEngine.threads = threads
     app.update_config(overlay)
