@@ -58,8 +58,8 @@ def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_
                               ("test", src)])
     code, plan = instrument_cell("t", src, tainted, nonce, {"torch"})
     records = []
-    saved = probe._emit
-    probe._emit = records.append
+    saved = probe._publish
+    probe._publish = lambda data, metadata=None: records.append(data[EVIDENCE_MIME])
     probe.capture()
     ns = {"torch": torch, "pick": answer, "kind": kind}
     old = {}
@@ -74,7 +74,7 @@ def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_
     except AssertionError as exc:
         err = exc
     finally:
-        probe._emit = saved
+        probe._publish = saved
         for name, fn in old.items():
             setattr(torch, name, fn)
     return records, err, plan
@@ -341,6 +341,8 @@ def test_same_value_tolerates_float_noise_only():
     ("import torch\ntorch.allclose = lambda *a, **k: True", "patched_function"),
     ("torch.Tensor.__eq__ = lambda a, b: True", "patched_function"),
     ("setattr(torch, 'equal', f)", "patched_function"),
+    ("import sys\nrep = sys.modules.get('grading_' + 'engine.kernel.probe')\nrep.report = f", "patched_function"),
+    ("import importlib\nm = importlib.import_module(name)\nm.check = f", "patched_function"),
     ("open('../../../source/a/n.ipynb').read()", "file_access"),
     ("import sqlite3", "file_access"),
     ("pathlib.Path.cwd().parent.parent / 'gradebook.db'", "file_access"),

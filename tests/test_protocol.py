@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from grading_engine.evidence.judge import Arr, Const, Opaque, Seq, SetVal, TypeVal, decode, py
+from grading_engine.evidence.judge import Arr, Const, Opaque, Raised, Seq, SetVal, TypeVal, decode, py
 from grading_engine.kernel import probe
 from grading_engine.protocol import EVIDENCE_MIME, Flag, FlagKind, FlagSource, ValueTag
 from grading_engine.record import KIND_TEXT
@@ -98,10 +98,25 @@ def test_sizes_types_keys_and_objects_round_trip():
     assert isinstance(obj, Opaque) and obj.ty.endswith("Widget") and obj.truth is True
 
 
+def raised_leaf():
+    """The kernel's report of a value whose evaluation raised (a sliced cell's leaf)."""
+    def boom():
+        raise KeyError("no such row")
+
+    return json.loads(json.dumps(probe._leaves({}, [("0.0", boom)])["0.0"]))
+
+
 def test_every_value_tag_is_written_by_the_kernel_and_read_by_the_grader():
     samples = [None, 1, 1.0, "s", 1j, torch.zeros(1), [1], {1}, {1: 2}, int, torch.float32, Widget()]
-    seen = {wire(x)["t"] for x in samples}
+    seen = {wire(x)["t"] for x in samples} | {raised_leaf()["t"]}
     assert seen == {tag.value for tag in ValueTag}, f"tags without a round trip: {set(ValueTag) - seen}"
+    for s in [wire(x) for x in samples] + [raised_leaf()]:
+        decode(s)
+
+
+def test_a_value_that_raised_reads_back_as_its_exception():
+    r = decode(raised_leaf())
+    assert isinstance(r, Raised) and r.ty == "builtins.KeyError" and "no such row" in r.msg
 
 
 def test_a_summary_of_unknown_type_is_refused():

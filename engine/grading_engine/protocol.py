@@ -31,6 +31,7 @@ class ValueTag(StrEnum):
     TYPE = "type"  # a class: its qualified name and MRO
     KEY = "k"  # a torch dtype or device, a numpy dtype
     OPAQUE = "o"  # anything else: only its type and truth value
+    RAISED = "r"  # evaluating the value raised: the exception's type (``e``) and message (``m``)
 
 
 class FlagKind(StrEnum):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import json
 from dataclasses import dataclass, field
 
 EV = "__course_ev__"
@@ -200,6 +201,9 @@ class AssertPlan:
     leaves: dict[str, dict] = field(default_factory=dict)  # path -> {"src": ..., "taint": bool}
     instrumented: bool = True
     branch: bool = False  # the condition of an `if` or `while` (no assertion: the grader checks its truth)
+    col: int = 0
+    message: list | None = None  # the assert's message as the grader renders it (see :func:`message_template`)
+    mleaves: dict[str, dict] = field(default_factory=dict)  # path -> {"src", "taint"}: values the message shows
 
 
 @dataclass
@@ -213,7 +217,7 @@ class CellPlan:
     def to_json(self) -> dict:
         return {"gid": self.gid, "parsed": self.parsed, "asserts": [
             {"aid": a.aid, "lineno": a.lineno, "tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented,
-             "branch": a.branch} for a in self.asserts]}
+             "branch": a.branch, "message": a.message, "mleaves": a.mleaves} for a in self.asserts]}
 
 
 def _lam(expr: ast.expr) -> ast.Lambda:
@@ -233,9 +237,11 @@ class _Builder:
     def __init__(self, tainted: set[str]):
         self.tainted = tainted
         self.leaves: dict[str, dict] = {}
+        self.exprs: dict[str, ast.expr] = {}
 
     def leaf(self, e: ast.expr, path: str):
         self.leaves[path] = {"src": ast.unparse(e), "taint": bool(names_in(e) & self.tainted)}
+        self.exprs[path] = e
         return _t(_c("v"), _c(path), _lam(e)), {"k": "v", "p": path}
 
     def node(self, e: ast.expr, path: str):
@@ -280,11 +286,58 @@ def _instrumentable(test: ast.expr) -> bool:
     return True
 
 
+def message_template(msg: ast.expr | None, tainted: set[str]) -> tuple[list | None, dict, dict]:
+    """How the grader writes an assert's message without the kernel: ``(template, leaves, expressions)``.
+
+    The template is a list of parts: ``{"s": text}`` (literal text, which stays with the grader) or
+    ``{"p": path, "c": conversion, "f": format_spec}`` (a value the message shows, a leaf ``m0``, ``m1``,
+    ...). An f-string gives one leaf per replacement field; any other expression is one leaf ``m``.
+    """
+    if msg is None:
+        return None, {}, {}
+    if isinstance(msg, ast.Constant):
+        return [{"s": str(msg.value)}], {}, {}
+    parts: list = []
+    leaves: dict = {}
+    exprs: dict = {}
+
+    def leaf(path, e, conv=115, spec=None):
+        leaves[path] = {"src": ast.unparse(e), "taint": bool(names_in(e) & tainted)}
+        exprs[path] = e
+        parts.append({"p": path, "c": conv, "f": spec})
+
+    if isinstance(msg, ast.JoinedStr) and all(
+            isinstance(v, ast.Constant) or (isinstance(v, ast.FormattedValue) and (
+                v.format_spec is None or all(isinstance(x, ast.Constant) for x in v.format_spec.values)))
+            for v in msg.values):
+        for i, v in enumerate(msg.values):
+            if isinstance(v, ast.Constant):
+                parts.append({"s": str(v.value)})
+            else:
+                spec = "".join(str(x.value) for x in v.format_spec.values) if v.format_spec is not None else None
+                leaf(f"m{i}", v.value, v.conversion, spec)
+        return parts, leaves, exprs
+    leaf("m", msg)
+    return parts, leaves, exprs
+
+
+def _pairs(paths, exprs) -> ast.Tuple:
+    return _t(*[_t(_c(p), _lam(exprs[p])) for p in paths])
+
+
 class _Rewriter(ast.NodeTransformer):
-    def __init__(self, gid: str, nonce_name: str, tainted: set[str]):
+    """Rewrite the asserts (and scoring conditions) of a test cell.
+
+    With a slice (``anchored``: check id -> leaf paths the grader takes from the reference run), an assert
+    becomes a report of its other leaves only: the kernel never computes the anchored values, never runs
+    the comparison and never raises; the grader does all three.
+    """
+
+    def __init__(self, gid: str, nonce_name: str, tainted: set[str], anchored: dict | None = None):
         self.gid = gid
         self.nonce_name = nonce_name
         self.tainted = tainted
+        self.anchored = anchored
         self.plans: list[AssertPlan] = []
         self.class_depth = 0
 
@@ -297,14 +350,26 @@ class _Rewriter(ast.NodeTransformer):
     def visit_Assert(self, node: ast.Assert):
         aid = len(self.plans)
         if self.class_depth or not _instrumentable(node.test):
-            self.plans.append(AssertPlan(aid, node.lineno, {"k": "v", "p": "0"}, {}, instrumented=False))
+            self.plans.append(AssertPlan(aid, node.lineno, {"k": "v", "p": "0"}, {}, instrumented=False,
+                                         col=node.col_offset))
             return node
         b = _Builder(self.tainted)
         spec, tree = b.node(node.test, "0")
-        self.plans.append(AssertPlan(aid, node.lineno, tree, b.leaves))
+        template, mleaves, mexprs = message_template(node.msg, self.tainted)
+        self.plans.append(AssertPlan(aid, node.lineno, tree, b.leaves, col=node.col_offset, message=template,
+                                     mleaves=mleaves))
+        ev = ast.Name(EV, ast.Load())
+        nonce = ast.Name(self.nonce_name, ast.Load())
+        if self.anchored is not None:
+            skip = set(self.anchored.get(str(aid), ()))
+            call = ast.Call(func=ast.Attribute(value=ev, attr="report", ctx=ast.Load()),
+                            args=[nonce, _c(self.gid), _c(aid),
+                                  _pairs([p for p in b.exprs if p not in skip], b.exprs),
+                                  _pairs([p for p in mexprs if p not in skip], mexprs)], keywords=[])
+            return ast.copy_location(ast.Expr(call), node)
         msg = _lam(node.msg) if node.msg is not None else _c(None)
-        call = ast.Call(func=ast.Attribute(value=ast.Name(EV, ast.Load()), attr="check", ctx=ast.Load()),
-                        args=[ast.Name(self.nonce_name, ast.Load()), _c(self.gid), _c(aid), spec, msg], keywords=[])
+        call = ast.Call(func=ast.Attribute(value=ev, attr="check", ctx=ast.Load()),
+                        args=[nonce, _c(self.gid), _c(aid), spec, msg, _pairs(list(mexprs), mexprs)], keywords=[])
         return ast.copy_location(ast.Expr(call), node)
 
     def _branch(self, node: ast.If | ast.While):
@@ -316,7 +381,7 @@ class _Rewriter(ast.NodeTransformer):
         aid = len(self.plans)
         b = _Builder(self.tainted)
         spec, tree = b.node(node.test, "0")
-        self.plans.append(AssertPlan(aid, node.lineno, tree, b.leaves, branch=True))
+        self.plans.append(AssertPlan(aid, node.lineno, tree, b.leaves, branch=True, col=node.col_offset))
         node.test = ast.copy_location(
             ast.Call(func=ast.Attribute(value=ast.Name(EV, ast.Load()), attr="branch", ctx=ast.Load()),
                      args=[ast.Name(self.nonce_name, ast.Load()), _c(self.gid), _c(aid), spec], keywords=[]),
@@ -332,23 +397,34 @@ def _compares(test: ast.expr) -> bool:
     return any(isinstance(n, (ast.Compare, ast.Call)) for n in ast.walk(test))
 
 
-def plan_cell(gid: str, source: str, tainted: set[str],
-              modules: frozenset[str] | set[str] = frozenset()) -> tuple[CellPlan, ast.Module | None]:
-    """The plan of one test cell and its rewritten tree (``None`` when it cannot be parsed)."""
+def plan_cell(gid: str, source: str, tainted: set[str], modules: frozenset[str] | set[str] = frozenset(),
+              cut: dict | None = None) -> tuple[CellPlan, ast.Module | None]:
+    """The plan of one test cell and its rewritten tree (``None`` when it cannot be parsed).
+
+    ``cut`` is the cell's slice (see :func:`slice_statements` and :mod:`grading_engine.evidence.reference`):
+    ``{"anchored": {check id: [leaf paths]}, "dropped": [line numbers of top-level statements]}``.
+    """
     tree = parse_cell(source)
     if tree is None:
         return CellPlan(gid, source, [], parsed=False), None
     local = propagate(tainted, tree, modules)
-    rw = _Rewriter(gid, "__course_ev_nonce__", local)
+    rw = _Rewriter(gid, "__course_ev_nonce__", local, None if cut is None else cut.get("anchored", {}))
     last = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     new = rw.visit(copy.deepcopy(tree))
+    if cut is not None and cut.get("dropped"):
+        drop = set(cut["dropped"])
+        new.body = [st for st in new.body if st.lineno not in drop]
+        last = last and bool(new.body) and new.body[-1].lineno == tree.body[-1].lineno
     return CellPlan(gid, source, rw.plans, parsed=True, last_expr=last), new
 
 
 def instrument_cell(gid: str, source: str, tainted: set[str], nonce: str,
-                    modules: frozenset[str] | set[str] = frozenset()) -> tuple[str, CellPlan]:
-    """The source sent to the kernel instead of a test cell, and the plan the grader checks it against."""
-    text, plan = _instrumented(gid, source, frozenset(tainted), frozenset(modules))
+                    modules: frozenset[str] | set[str] = frozenset(), cut: dict | None = None) -> tuple[str, CellPlan]:
+    """The source sent to the kernel instead of a test cell, and the plan the grader checks it against.
+
+    With a ``cut`` (the cell's slice), only the student's side of the cell is sent."""
+    key = json.dumps(cut, sort_keys=True) if cut is not None else ""
+    text, plan = _instrumented(gid, source, frozenset(tainted), frozenset(modules), key)
     return text.replace(repr(_NONCE), repr(nonce)), plan
 
 
@@ -357,10 +433,11 @@ def instrument_cell(gid: str, source: str, tainted: set[str], nonce: str,
 _NONCE = "__course_ev_nonce_here__"
 
 
-@functools.lru_cache(maxsize=512)
-def _instrumented(gid: str, source: str, tainted: frozenset[str], modules: frozenset[str]) -> tuple[str, CellPlan]:
+@functools.lru_cache(maxsize=1024)
+def _instrumented(gid: str, source: str, tainted: frozenset[str], modules: frozenset[str],
+                  cut: str) -> tuple[str, CellPlan]:
     nonce = _NONCE
-    plan, tree = plan_cell(gid, source, set(tainted), modules)
+    plan, tree = plan_cell(gid, source, set(tainted), modules, json.loads(cut) if cut else None)
     if tree is None:
         # cannot parse even with IPython's transformers: only completion is recorded
         body = source
@@ -378,6 +455,110 @@ def _instrumented(gid: str, source: str, tainted: frozenset[str], modules: froze
     module = ast.Module(body=head + body + tail, type_ignores=[])
     ast.fix_missing_locations(module)
     return ast.unparse(module) + "\n", plan
+
+
+def hidden_line_numbers(source: str) -> set[int]:
+    """1-based numbers of the lines of a cell's hidden-test regions (markers included)."""
+    out, inside = set(), False
+    for n, line in enumerate(source.splitlines(), start=1):
+        if "BEGIN HIDDEN TESTS" in line:
+            inside = True
+        if inside:
+            out.add(n)
+        if "END HIDDEN TESTS" in line:
+            inside = False
+    return out
+
+
+def _loads(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Store)}
+
+
+def live_after_cells(sources: list[str]) -> list[set[str] | None]:
+    """For each cell, the names a later cell may read before it binds them itself (a backward liveness
+    over whole top-level statements); ``None`` where a later cell cannot be parsed (anything may be read)."""
+    out: list[set[str] | None] = [None] * len(sources)
+    live: set[str] | None = set()
+    for i in reversed(range(len(sources))):
+        out[i] = None if live is None else set(live)
+        tree = parse_cell(sources[i])
+        if tree is None:
+            live = None
+        if live is None:
+            continue
+        defined: set[str] = set()
+        exposed: set[str] = set()
+        for st in tree.body:
+            exposed |= _loads(st) - defined
+            if isinstance(st, ast.Assign) or (isinstance(st, ast.AnnAssign) and st.value is not None):
+                defined |= bound_names(st)
+            elif isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)):
+                defined |= bound_names(st, include_imports=True) if not isinstance(
+                    st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else {st.name}
+        live = exposed | (live - defined)
+    return out
+
+
+def _droppable(st: ast.stmt) -> bool:
+    """A statement that only computes values: an assignment to plain names, or an expression without a call."""
+    if isinstance(st, ast.Assign):
+        return all(isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Starred)) and all(
+            isinstance(x, (ast.Name, ast.Tuple, ast.List, ast.Starred)) or isinstance(x, ast.expr_context)
+            for x in ast.walk(n)) for n in st.targets)
+    if isinstance(st, ast.AnnAssign):
+        return st.value is not None and isinstance(st.target, ast.Name)
+    if isinstance(st, ast.Expr):
+        return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom)) for n in ast.walk(st))
+    return False
+
+
+def slice_statements(source: str, tainted: set[str], modules: set[str], anchored: dict,
+                     live_after: set[str] | None) -> list[int]:
+    # ``tainted``: the names that may hold the student's work when the cell starts
+    """Line numbers of the top-level statements of a test cell's hidden region that the kernel need not run:
+    they compute only values the grader takes from the reference run (``anchored``: check id -> leaf
+    paths), and no later statement or cell reads what they bind. A statement that touches the student's
+    values is always kept. (Whether leaving them out changes anything else, a random generator's state for
+    instance, is for a run of the reference's own slice to show.)"""
+    tree = parse_cell(source)
+    if tree is None or live_after is None:
+        return []
+    states = statement_taint(tree, tainted, modules)
+    plan, _ = plan_cell("_", source, set(tainted), modules)
+    kernel: dict[tuple[int, int], set[str]] = {}
+    for a in plan.asserts:
+        if a.branch or not a.instrumented:
+            continue
+        skip = set(anchored.get(str(a.aid), ()))
+        names: set[str] = set()
+        for path, leaf in list(a.leaves.items()) + list(a.mleaves.items()):
+            if path not in skip:
+                names |= names_in(ast.parse(leaf["src"], mode="eval"))
+        kernel[(a.lineno, a.col)] = names
+
+    def uses(node: ast.AST, out: set[str]) -> set[str]:
+        if isinstance(node, ast.Assert):
+            k = kernel.get((node.lineno, node.col_offset))
+            out |= names_in(node) if k is None else k
+            return out
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        for child in ast.iter_child_nodes(node):
+            uses(child, out)
+        return out
+
+    hidden = hidden_line_numbers(source)
+    needed = set(live_after)
+    dropped = []
+    for idx in reversed(range(len(tree.body))):
+        st = tree.body[idx]
+        last_expr = idx == len(tree.body) - 1 and isinstance(st, ast.Expr)
+        if (st.lineno in hidden and not last_expr and _droppable(st) and not (names_in(st) & states[idx])
+                and not (bound_names(st) & needed)):
+            dropped.append(st.lineno)
+            continue
+        needed |= uses(st, set())
+    return sorted(dropped)
 
 
 def student_names(answer_sources: list[str]) -> set[str]:
@@ -406,3 +587,98 @@ def notebook_taint(cells: list[tuple[str, str]]) -> set[str]:
 
 def notebook_modules(sources: list[str]) -> set[str]:
     return module_names([t for t in (parse_cell(s) for s in sources) if t is not None])
+
+
+# Leaves that read the state around the kernel (files, the environment, global settings) can depend on
+# what the student's code did without naming it: their values always come from the student's process.
+AMBIENT = frozenset({
+    "open", "os", "sys", "io", "glob", "shutil", "pathlib", "Path", "exists", "is_file", "is_dir", "read_text",
+    "read_bytes", "stat", "listdir", "iterdir", "environ", "getenv", "getcwd", "globals", "locals", "vars", "dir",
+    "get_default_dtype", "is_grad_enabled", "is_inference_mode_enabled", "get_num_threads", "initial_seed",
+    "get_rng_state", "are_deterministic_algorithms_enabled", "is_anomaly_enabled", "get_printoptions",
+    "get_ipython", "In", "Out", "_ih", "_oh"})
+
+
+def ambient(src: str) -> bool:
+    """Does a leaf read the state around the kernel (see :data:`AMBIENT`)?"""
+    try:
+        tree = ast.parse(src, mode="eval")
+    except SyntaxError:
+        return True
+    return any(isinstance(n, ast.Name) and n.id in AMBIENT or isinstance(n, ast.Attribute) and n.attr in AMBIENT
+               for n in ast.walk(tree))
+
+
+def notebook_entry_taint(cells: list[tuple[str, str]]) -> list[set[str]]:
+    """For each cell, the names that may hold the student's work when it starts (flow-sensitive, in cell
+    order). Answer cells add every name they bind or read (a top-level ``model.eval()`` in an answer makes
+    ``model`` the student's), except modules and builtins; the other cells propagate what they receive."""
+    import builtins
+
+    trees = [(r, parse_cell(src)) for r, src in cells]
+    modules = module_names([t for _, t in trees if t is not None])
+    plain = set(dir(builtins))
+    state: set[str] = set()
+    out = []
+    for r, tree in trees:
+        out.append(set(state))
+        if tree is None:
+            continue
+        if r == "answer":
+            state |= (bound_names(tree) | (_global_loads(tree) - plain)) - modules
+        else:
+            state = propagate(state, tree, modules)
+    return out
+
+
+def _global_loads(tree: ast.AST) -> set[str]:
+    """Names a cell reads at its top level, or declares ``global`` in a function (not a function's locals)."""
+    out: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for n in ast.walk(node):
+                if isinstance(n, ast.Global):
+                    out.update(n.names)
+            args = node.args
+            for d in list(args.defaults) + [d for d in args.kw_defaults if d is not None] + list(
+                    getattr(node, "decorator_list", [])):
+                walk(d)
+            return
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        for child in ast.iter_child_nodes(node):
+            walk(child)
+
+    walk(tree)
+    return out
+
+
+def statement_taint(tree: ast.Module, entry: set[str], modules: set[str]) -> list[set[str]]:
+    """The tainted names at each top-level statement of a cell, that statement's own effects included (a
+    call into the student's code taints its arguments for the rest of the statement too)."""
+    out = []
+    state = set(entry)
+    for st in tree.body:
+        state = propagate(state, ast.Module(body=[st], type_ignores=[]), modules)
+        out.append(set(state))
+    return out
+
+
+def flow_leaf_taint(source: str, entry: set[str], modules: set[str]) -> dict[tuple[int, str], bool]:
+    """(check id, leaf path) -> whether the leaf may hold the student's work where it is evaluated, from
+    :func:`statement_taint` (the plan's own taint is one set for the whole notebook)."""
+    tree = parse_cell(source)
+    if tree is None:
+        return {}
+    states = statement_taint(tree, entry, modules)
+    rw = _Rewriter("_", "__course_ev_nonce__", set())
+    out = {}
+    for st, state in zip(copy.deepcopy(tree).body, states):
+        rw.tainted = state
+        first = len(rw.plans)
+        rw.visit(st)
+        for a in rw.plans[first:]:
+            for path, leaf in list(a.leaves.items()) + list(a.mleaves.items()):
+                out[(a.aid, path)] = leaf["taint"] or ambient(leaf["src"])
+    return out

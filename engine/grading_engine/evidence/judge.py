@@ -47,6 +47,14 @@ class Untrusted(Exception):
     """The check compares an object whose comparison methods the notebook defines."""
 
 
+class LeafRaised(Exception):
+    """The check reached a value whose evaluation raised in the kernel (the assert would have raised)."""
+
+    def __init__(self, raised: Raised):
+        super().__init__(f"{raised.ty.rsplit('.', 1)[-1]}: {raised.msg}" if raised.msg else raised.ty.rsplit(".", 1)[-1])
+        self.raised = raised
+
+
 @dataclass
 class Arr:
     dt: str
@@ -101,6 +109,12 @@ class Opaque:
     id: int | None
     truth: bool | None
     main: bool
+
+
+@dataclass
+class Raised:
+    ty: str
+    msg: str
 
 
 @dataclass
@@ -177,6 +191,8 @@ def decode(s: dict):
         return Const(s["v"])
     if t == ValueTag.TYPE:
         return TypeVal(s["q"], s.get("mro", []), bool(s.get("abc")), bool(s.get("main")))
+    if t == ValueTag.RAISED:
+        return Raised(str(s.get("e", "?")), str(s.get("m", "")))
     if t == ValueTag.OPAQUE:
         return Opaque(s.get("ty", "?"), s.get("mro", []), s.get("id"), s.get("truth"), bool(s.get("main")))
     raise ValueError(f"a value summary of unknown type {t!r}")
@@ -355,6 +371,8 @@ def _close(a, b, rtol, atol, equal_nan=False, shapes_must_match=False) -> bool:
         if not (a.full and b.full):
             if a.shape != b.shape:
                 raise Uncertain("sampled arrays of different shapes")
+            if a.dt == b.dt and a.h == b.h and a.st and b.st:
+                return equal_nan or not (a.kind == "f" and (a.st[4] or b.st[4]))  # the same bytes
             av, bv = a.vals, b.vals
             if not np.allclose(av, bv, rtol=rtol, atol=atol, equal_nan=equal_nan):
                 return False
@@ -497,7 +515,10 @@ class Evaluator:
         if k == "v":
             if tree["p"] not in self.values:
                 raise Uncertain(f"leaf {tree['p']} was not reported")
-            return self.values[tree["p"]]
+            value = self.values[tree["p"]]
+            if isinstance(value, Raised):
+                raise LeafRaised(value)
+            return value
         if k == "not":
             return not truth(self.run(tree["x"]))
         if k in ("and", "or"):
@@ -695,7 +716,8 @@ def _flag(kind: FlagKind, detail: str) -> dict:
 
 
 def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
-               nonce: str, ref_nonces: tuple[str, str | None], hidden: dict | None = None) -> CellVerdict:
+               nonce: str, ref_nonces: tuple[str, str | None], hidden: dict | None = None,
+               cut: dict | None = None) -> CellVerdict:
     """Verdict on one test cell. ``plans`` maps (gid, aid) -> assert plan dict (all cells of the notebook).
 
     ``hidden`` maps a grade_id to the line numbers of its hidden-test region: the reason given for a
@@ -703,8 +725,19 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
 
     Fails closed: an unexpected exception while judging (a bug in the grader, evidence of a shape it does
     not know) scores the cell zero and raises a ``grader_error`` flag naming the exception.
+
+    ``cut`` is the cell's slice when the kernel ran only the student's side of it (see
+    :mod:`grading_engine.evidence.reference`): then no verdict of the kernel exists to consult.
     """
     try:
+        replaced = sorted({k for r in student if r.get("n") == nonce for k in (r.get("x") or [])})
+        if replaced:
+            v = CellVerdict(gid, False, why="the grader's reporter in the kernel was replaced")
+            v.flags.append(_flag(FlagKind.PATCHED_FUNCTION, f"{gid}: the notebook replaced the grader's "
+                                                            f"{', '.join(map(str, replaced))[:120]} in the kernel"))
+            return v
+        if cut is not None:
+            return _judge_sliced(gid, plans, student, ref_a, ref_b, nonce, ref_nonces, hidden or {}, cut)
         return _judge_cell(gid, plans, student, ref_a, ref_b, nonce, ref_nonces, hidden or {})
     except Exception as exc:  # noqa: BLE001  (fail closed: whatever went wrong, no points without a verdict)
         return grader_error(gid, exc)
@@ -809,6 +842,139 @@ def _judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], r
         forged.checks, forged.recomputed = v.checks, v.recomputed
         return forged
     v.ok = True
+    return v
+
+
+def render(v, conversion: int = 115, spec: str | None = None) -> str:
+    """A reported value as an f-string's replacement field would show it (near enough for a message)."""
+    if isinstance(v, Raised):
+        return f"<{v.ty.rsplit('.', 1)[-1]} raised>"
+    if isinstance(v, Arr):
+        if v.vals is None or not v.full:
+            return f"<{v.dt} of shape {tuple(v.shape)}>"
+        if v.n == 1 and not v.shape:
+            v = v.item()
+        else:
+            body = np.array2string(np.asarray(v.vals), separator=", ", threshold=64)
+            return f"tensor({body})" if v.lib == "torch" else f"array({body})"
+    if isinstance(v, Seq) and v.kind == "size" and v.complete:
+        return f"torch.Size({[py(x) for x in v.items]})"
+    if isinstance(v, Const):
+        return v.v.split(":", 1)[1] if ":" in v.v else v.v
+    if isinstance(v, TypeVal):
+        return f"<class '{v.q.removeprefix('builtins.')}'>"
+    if isinstance(v, Opaque):
+        return f"<{v.ty.rsplit('.', 1)[-1]} object>"
+    try:
+        x = py(v)
+    except Uncertain:
+        return "<...>"
+    if conversion == 114:
+        x = repr(x)
+    elif conversion == 97:
+        x = ascii(x)
+    try:
+        return format(x, spec or "")
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def render_message(template: list | None, values: dict) -> str:
+    """An assert's message, written by the grader from its literal text and the values it shows."""
+    if not template:
+        return ""
+    out = []
+    for part in template:
+        if "s" in part:
+            out.append(part["s"])
+            continue
+        v = values.get(part["p"])
+        out.append("<?>" if v is None else render(v, part.get("c", 115), part.get("f")))
+    return "".join(out)
+
+
+def _sliced_values(plan: dict, rec: dict, ref: dict | None, anchored: set) -> dict:
+    """The values of one check of a sliced cell: the anchored ones from the reference run, the others as the
+    student's kernel reported them."""
+    values = {}
+    for path in list(plan["leaves"]) + list(plan.get("mleaves") or {}):
+        if path in anchored:
+            sv = (ref or {}).get("v", {}).get(path)
+        else:
+            sv = rec.get("v", {}).get(path)
+        if sv is not None:
+            values[path] = decode(sv)
+    return values
+
+
+def _judge_sliced(gid: str, plans: dict, student: list[dict], ref_a: list[dict], ref_b: list[dict] | None,
+                  nonce: str, ref_nonces: tuple[str, str | None], hidden: dict, cut: dict) -> CellVerdict:
+    """A sliced cell: the kernel reported the student's side of each check; the grader puts the reference's
+    values beside it, redoes every check, and decides alone. Whatever it cannot decide fails."""
+    s_asserts, s_begin, s_done, alien = records_by_kind(student, nonce)
+    a_asserts, a_begin, a_done, _ = records_by_kind(ref_a, ref_nonces[0])
+    v = CellVerdict(gid, False)
+    if alien:
+        v.flags.append(_flag(FlagKind.FORGED_EVIDENCE, f"{len(alien)} evidence record(s) that the grader "
+                                                       "did not ask for"))
+    if not s_begin:
+        v.why = "the test cell did not run"
+        return v
+    anchored = {int(k): set(p) for k, p in (cut.get("anchored") or {}).items()}
+    ref_seq = [(r["g"], r["i"]) for r in a_asserts]
+    v.checks = len(s_asserts)
+    for k, rec in enumerate(s_asserts):
+        key = (rec.get("g"), rec.get("i"))
+        plan = plans.get(key)
+        if plan is None or rec.get("g") != gid:
+            v.why = "evidence for a check that is not in the test"
+            v.flags.append(_flag(FlagKind.FORGED_EVIDENCE, f"evidence for an unknown check {rec.get('i')}"))
+            return v
+        line = plan.get("lineno")
+        hidden_check = line is None or line in hidden.get(gid, ())
+        where = "a hidden check" if hidden_check else f"the check on line {line}"
+        if not plan.get("instrumented", True):
+            continue  # an assert the grader cannot rewrite ran as written: it raised, or it held
+        mine = anchored.get(rec["i"], set())
+        ref = a_asserts[k] if k < len(ref_seq) and ref_seq[k] == key else None
+        if mine and ref is None:
+            v.why = f"{where}: the test ran its checks in another order than the reference"
+            return v
+        try:
+            values = _sliced_values(plan, rec, ref, mine)
+            res = truth(Evaluator(values).run(plan["tree"]))
+        except LeafRaised as exc:
+            v.why = f"{where} raised {exc}"
+            return v
+        except Untrusted as exc:
+            v.why = f"{where} cannot be trusted: {exc}"
+            v.flags.append(_flag(FlagKind.COMPARISON_FORGED, f"{gid}, check {k + 1} (line {line}): {exc} (its "
+                                                             "__eq__ and friends are the student's)"))
+            return v
+        except Uncertain as exc:
+            v.why = f"{where} failed: the grader cannot compare the values your code gave ({exc})"
+            return v
+        except Exception as exc:  # noqa: BLE001  (fail closed)
+            return grader_error(gid, exc, f"check {k + 1} (line {line})")
+        v.recomputed += 1
+        if not res:
+            text = render_message(plan.get("message"), values)
+            v.why = f"{where} failed" + (f": {text}" if text else "")
+            return v
+    stu_seq = [(r.get("g"), r.get("i")) for r in s_asserts]
+    if len(stu_seq) > len(ref_seq) or (s_done and stu_seq != ref_seq):
+        v.why = (f"the test cell ran {len(stu_seq)} check(s) where the reference ran {len(ref_seq)}"
+                 if len(stu_seq) != len(ref_seq) else "the test cell's checks ran in another order")
+        return v
+    if not s_done:
+        v.why = "the test cell stopped before its end"
+        return v
+    forged = judge_branches(gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
+    if forged is not None:
+        forged.checks, forged.recomputed = v.checks, v.recomputed
+        return forged
+    v.ok = True
+    v.why = ""
     return v
 
 

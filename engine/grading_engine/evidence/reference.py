@@ -35,15 +35,20 @@ from nbformat import NotebookNode
 
 from grading_engine.evidence.instrument import (
     EV,
+    flow_leaf_taint,
+    hidden_line_numbers,
     instrument_cell,
+    live_after_cells,
+    notebook_entry_taint,
     notebook_modules,
     notebook_taint,
     plan_cell,
+    slice_statements,
     student_names,
 )
 from grading_engine.protocol import EVIDENCE_MIME
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 def nbg(cell) -> dict:
@@ -144,13 +149,16 @@ def plans_of(ref: NotebookNode) -> dict:
 def assert_plans(plans: dict) -> dict:
     """(grade_id, assert id) -> assert plan as JSON, over every test cell."""
     return {(gid, a.aid): {"tree": a.tree, "leaves": a.leaves, "instrumented": a.instrumented, "lineno": a.lineno,
-                           "branch": a.branch}
+                           "branch": a.branch, "message": a.message, "mleaves": a.mleaves}
             for gid, p in plans.items() for a in p.asserts}
 
 
 def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool = False,
-                 probe: bool = False, modules: set[str] = frozenset()) -> tuple[NotebookNode, dict]:
-    """A copy of ``nb`` with its test cells instrumented; returns it and {cell index: original source}."""
+                 probe: bool = False, modules: set[str] = frozenset(),
+                 slices: dict | None = None) -> tuple[NotebookNode, dict]:
+    """A copy of ``nb`` with its test cells instrumented; returns it and {cell index: original source}.
+
+    A test cell with a slice in ``slices`` (grade_id -> slice) becomes its student's side only."""
     out = copy.deepcopy(nb)
     originals = {}
     cells = []
@@ -162,7 +170,7 @@ def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool 
         if role(c) == "test":
             gid = nbg(c).get("grade_id")
             originals[len(cells)] = c.source
-            c.source, _ = instrument_cell(gid, c.source, tainted, nonce, modules)
+            c.source, _ = instrument_cell(gid, c.source, tainted, nonce, modules, (slices or {}).get(gid))
         cells.append(c)
         if perturb and role(c) == "answer":
             names = sorted(student_names([c.source]))
@@ -262,8 +270,111 @@ def _records(nb: NotebookNode) -> dict:
     return out
 
 
+def _identity_operands(tree: dict, out: set | None = None) -> set:
+    """Paths of the leaves compared by ``is`` / ``is not`` (their identity only means something in one process)."""
+    out = set() if out is None else out
+    if tree.get("k") == "cmp":
+        for i, op in enumerate(tree["ops"]):
+            if op in ("Is", "IsNot"):
+                for sub in (tree["x"][i], tree["x"][i + 1]):
+                    if sub.get("k") == "v":
+                        out.add(sub["p"])
+    for key in ("x", "r"):
+        sub = tree.get(key)
+        for s in (sub if isinstance(sub, list) else [sub] if isinstance(sub, dict) else []):
+            if isinstance(s, dict):
+                _identity_operands(s, out)
+    for _, s in tree.get("kw", []):
+        _identity_operands(s, out)
+    return out
+
+
+VALUE_IDENTITY = ("c", "k", "type")  # None/True/False, dtypes and classes: `is` holds by value across processes
+
+
+def slice_plans(ref: NotebookNode, run_a: dict, run_b: dict, nonces: list[str]) -> dict:
+    """grade_id -> the slice of each test cell: which values of each check come from the reference run
+    (the test's own values: untainted, the same in runs A and B), and which statements of its hidden
+    region the kernel need not run (:func:`~grading_engine.evidence.instrument.slice_statements`)."""
+    from grading_engine.evidence.judge import records_by_kind, same_value
+
+    cells = _code_cells(ref)
+    modules, plans = _modules(cells), _plans(cells)
+    entry = notebook_entry_taint([(r, src) for r, src, _ in cells])
+    live = live_after_cells([src for _, src, _ in cells])
+    out = {}
+    for idx, (r, src, gid) in enumerate(cells):
+        plan = plans.get(gid) if r == "test" else None
+        if plan is None or not plan.parsed or not any(a.instrumented and not a.branch for a in plan.asserts):
+            continue
+        a_recs, a_begin, a_done, _ = records_by_kind(run_a.get(gid, []), nonces[0])
+        b_recs, b_begin, b_done, _ = records_by_kind(run_b.get(gid, []), nonces[1])
+        if not (a_begin and a_done and b_begin and b_done) or \
+                [(x["g"], x["i"]) for x in a_recs] != [(x["g"], x["i"]) for x in b_recs]:
+            continue
+        anchored = {}
+        student_side = flow_leaf_taint(src, entry[idx], set(modules))
+        for a in plan.asserts:
+            if a.branch or not a.instrumented:
+                continue
+            pairs = [(x, y) for x, y in zip(a_recs, b_recs) if x["g"] == gid and x["i"] == a.aid]
+            if not pairs:
+                continue
+            identity = _identity_operands(a.tree)
+            paths = []
+            for path in list(a.leaves) + list(a.mleaves):
+                if student_side.get((a.aid, path), True):
+                    continue
+                if all(path in x["v"] and path in y["v"] and x["v"][path].get("t") != "r"
+                       and same_value(x["v"][path], y["v"][path])
+                       and (path not in identity or x["v"][path].get("t") in VALUE_IDENTITY) for x, y in pairs):
+                    paths.append(path)
+            if paths:
+                anchored[str(a.aid)] = sorted(paths)
+        out[gid] = {"anchored": anchored,
+                    "dropped": slice_statements(src, entry[idx], set(modules), anchored, live[idx])}
+    return out
+
+
+def _check_slices(ref: NotebookNode, slices: dict, run_c: dict, nonce_c: str, run_a: dict, run_b: dict,
+                  nonces: list[str]) -> dict:
+    """grade_id -> why, for each slice whose run on the reference's own answers did not earn its points."""
+    from grading_engine.evidence.judge import judge_cell
+
+    plans = assert_plans(plans_of(ref))
+    hidden = {nbg(c).get("grade_id"): hidden_line_numbers(c.source) for c in ref.cells if role(c) == "test"}
+    bad = {}
+    for gid, cut in slices.items():
+        v = judge_cell(gid, plans, run_c.get(gid, []), run_a.get(gid, []), run_b.get(gid), nonce_c,
+                       (nonces[0], nonces[1]), hidden, cut)
+        if not v.ok:
+            bad[gid] = v.why
+    return bad
+
+
+def _run_reference(nb: NotebookNode, assignment_dir: Path, config, log, executor) -> tuple[NotebookNode, dict]:
+    with tempfile.TemporaryDirectory(prefix="course-reference-") as tmp:
+        folder = Path(tmp) / (assignment_dir.name or "assignment")
+        if assignment_dir.exists():
+            shutil.copytree(assignment_dir, folder,
+                            ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+        else:
+            folder.mkdir()
+        done, res = _run(nb, folder, config, log, executor)
+    return done, res.get("course_integrity", {}).get("execution", {})
+
+
+SLICE_RUNS = 3  # runs of the sliced reference at most: each leaves out the slices the previous one refuted
+
+
 def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None) -> dict:
-    """Evidence of runs A and B of the reference notebook (cached); ``executor`` is the execute preprocessor class."""
+    """Evidence of runs A and B of the reference notebook, and the slices of its test cells (cached).
+
+    ``executor`` is the execute preprocessor class. Run A is the notebook as it is, run B with every
+    random generator moved; from both, :func:`slice_plans` gives each test cell's slice, and run C, the
+    reference with its test cells sliced, must earn every point of every sliced cell, judged as a
+    student's run is. A cell whose slice does not is graded unsliced (its values all computed in the
+    student's process, as in runs A and B), and the log says so."""
     from grading_engine.config import GradingEngine
 
     settings = GradingEngine(config=config)
@@ -280,21 +391,13 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
             except ValueError:
                 pass
         if log is not None:
-            log.info("integrity: running the reference notebook (twice) to record its evidence")
+            log.info("integrity: running the reference notebook (twice, then its slices) to record its evidence")
         tainted = taint_of(ref)
         out: dict = {"key": key, "nonces": [], "runs": [], "audit": [], "stopped": []}
         for perturb in (False, True):
             nonce = secrets.token_hex(8)
             nb, _ = instrumented(ref, tainted, nonce, perturb=perturb, modules=modules_of(ref))
-            with tempfile.TemporaryDirectory(prefix="course-reference-") as tmp:
-                folder = Path(tmp) / (assignment_dir.name or "assignment")
-                if assignment_dir.exists():
-                    shutil.copytree(assignment_dir, folder,
-                                    ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
-                else:
-                    folder.mkdir()
-                done, res = _run(nb, folder, config, log, executor)
-            ex = res.get("course_integrity", {}).get("execution", {})
+            done, ex = _run_reference(nb, assignment_dir, config, log, executor)
             out["nonces"].append(nonce)
             out["runs"].append(_records(done))
             out["audit"].append(ex.get("audit", []))
@@ -304,6 +407,25 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
                           if role(c) == "test" and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
                 if errors:
                     log.warning("integrity: reference run %s: test cells failed: %s", "B" if perturb else "A", errors)
+        slices = slice_plans(ref, out["runs"][0], out["runs"][1], out["nonces"])
+        for _ in range(SLICE_RUNS):
+            if not slices:
+                break
+            nonce = secrets.token_hex(8)
+            nb, _ = instrumented(ref, tainted, nonce, modules=modules_of(ref), slices=slices)
+            done, ex = _run_reference(nb, assignment_dir, config, log, executor)
+            out["audit"].append(ex.get("audit", []))
+            bad = _check_slices(ref, slices, _records(done), nonce, out["runs"][0], out["runs"][1], out["nonces"])
+            if not bad:
+                break
+            if log is not None:
+                for gid, why in sorted(bad.items()):
+                    log.warning("integrity: test cell %s cannot be sliced (%s): its checks run whole in the "
+                                "student's process", gid, why)
+            slices = {g: c for g, c in slices.items() if g not in bad}
+        else:
+            slices = {}
+        out["slices"] = slices
         tmp_path = path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(out))
         os.replace(tmp_path, path)

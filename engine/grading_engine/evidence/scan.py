@@ -148,7 +148,20 @@ class _Scanner(ast.NodeVisitor):
     def visit_Assign(self, node):
         for t in node.targets:
             self._check_target(t, node)
+        if self._fetches_module(node.value):
+            # `m = sys.modules.get(name)`, `m = importlib.import_module(name)`: m is a module from now on
+            self.modules |= {t.id for t in node.targets if isinstance(t, ast.Name)}
         self.generic_visit(node)
+
+    @staticmethod
+    def _fetches_module(value: ast.AST) -> bool:
+        if isinstance(value, ast.Subscript):
+            return dotted(value.value) in ("sys.modules",)
+        if isinstance(value, ast.Call):
+            name = dotted(value.func) or ""
+            return name in ("sys.modules.get", "sys.modules.__getitem__", "importlib.import_module",
+                            "import_module", "__import__", "sys.modules.setdefault", "sys.modules.pop")
+        return False
 
     def visit_AugAssign(self, node):
         self._check_target(node.target, node)

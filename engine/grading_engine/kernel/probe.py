@@ -503,23 +503,65 @@ class _Eval:
         raise ValueError(f"unknown evidence node {kind!r}")
 
 
+def _tampered() -> list[str]:
+    """The probe's own functions that the notebook replaced (this module's globals are its attributes)."""
+    g = globals()
+    return [k for k, v in _OWN.items() if g.get(k) is not v]
+
+
+def _mark(rec: dict) -> dict:
+    gone = _tampered()
+    if gone:
+        rec["x"] = gone
+    return rec
+
+
 def begin(nonce: str, gid: str) -> None:
-    _emit({"k": "begin", "n": nonce, "g": gid})
+    _emit(_mark({"k": "begin", "n": nonce, "g": gid}))
 
 
-def check(nonce: str, gid: str, aid: int, tree, msg=None) -> None:
-    """Evaluate one instrumented assert: publish what it observed, then raise like ``assert`` would."""
+def check(nonce: str, gid: str, aid: int, tree, msg=None, mleaves=()) -> None:
+    """Evaluate one instrumented assert: publish what it observed, then raise like ``assert`` would.
+
+    ``mleaves`` are the values its message shows (path, thunk), evaluated too (the reference runs record
+    them, so that the grader can write the message of a check the kernel does not run)."""
     ev = _Eval()
     ok = None
     try:
         result = ev.node(tree)
         ok = bool(result)
     finally:
-        _emit({"k": "a", "n": nonce, "g": gid, "i": aid, "ok": ok, "v": ev.values})
+        _leaves(ev.values, mleaves)
+        _emit(_mark({"k": "a", "n": nonce, "g": gid, "i": aid, "ok": ok, "v": ev.values}))
     if not ok:
         if msg is None:
             raise AssertionError
         raise AssertionError(msg())
+
+
+def _leaves(values: dict, leaves) -> dict:
+    for path, thunk in leaves:
+        try:
+            v = thunk()
+        except Exception as exc:
+            try:
+                text = str(exc)[:200]
+            except Exception:
+                text = ""
+            values[path] = {"t": "r", "e": _qual(type(exc)), "m": text}
+            continue
+        try:
+            values[path] = summarize(v)
+        except Exception as exc:
+            values[path] = {"t": "o", "err": type(exc).__name__}
+    return values
+
+
+def report(nonce: str, gid: str, aid: int, leaves, mleaves=()) -> None:
+    """The student's side of one assert of a sliced test cell: the values of the leaves that depend on
+    the student's work (path, thunk), each evaluated once, in order, whatever the others gave. Nothing is
+    compared and nothing raised here: the values the test expects are not in this process."""
+    _emit(_mark({"k": "a", "n": nonce, "g": gid, "i": aid, "v": _leaves(_leaves({}, leaves), mleaves)}))
 
 
 MAX_BRANCH_REPORTS = 256  # reports per condition and cell: a loop's condition is reported this often at most
@@ -537,12 +579,12 @@ def branch(nonce: str, gid: str, aid: int, tree) -> bool:
         truth = bool(ev.node(tree))
     finally:
         if n <= MAX_BRANCH_REPORTS:
-            _emit({"k": "b", "n": nonce, "g": gid, "i": aid, "b": truth, "v": ev.values})
+            _emit(_mark({"k": "b", "n": nonce, "g": gid, "i": aid, "b": truth, "v": ev.values}))
     return truth
 
 
 def done(nonce: str, gid: str) -> None:
-    _emit({"k": "done", "n": nonce, "g": gid})
+    _emit(_mark({"k": "done", "n": nonce, "g": gid}))
 
 
 def final(nonce: str) -> None:
@@ -606,3 +648,8 @@ def wrap_student(namespace: dict, names: list, seed: int) -> None:
                         setattr(obj, attr, wrapped(val))
                     except (AttributeError, TypeError):
                         pass
+
+
+# the probe's own functions as this module defined them (see _tampered)
+_OWN = {k: globals()[k] for k in ("begin", "check", "report", "branch", "done", "final", "summarize", "_emit",
+                                   "_leaves", "_Eval", "_mark", "_tampered")}

@@ -21,6 +21,7 @@ from nbgrader.preprocessors import NbGraderPreprocessor
 
 from grading_engine import record as report
 from grading_engine.config import FollowsEvidence, GradingEngine
+from grading_engine.evidence.instrument import hidden_line_numbers
 from grading_engine.evidence.judge import judge_cell
 from grading_engine.evidence.reference import (
     assert_plans,
@@ -69,7 +70,8 @@ class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
             gid = nbg(c).get("grade_id")
             if role(c) == "test" and gid in ref_src and c.source != ref_src[gid]:
                 self.log.warning("integrity: test cell %s differs from the gradebook's", gid)
-        out, originals = instrumented(nb, taint_of(ref), nonce, probe=True, modules=modules_of(ref))
+        slices = {g: c for g, c in (refruns.get("slices") or {}).items() if g in present}
+        out, originals = instrumented(nb, taint_of(ref), nonce, probe=True, modules=modules_of(ref), slices=slices)
         nb.cells = out.cells
         resources[RESOURCE_KEY] = {
             "nonce": nonce,
@@ -78,6 +80,7 @@ class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
             "test_ids": sorted(g for g in present if g in plans),
             "reference": refruns,
             "probe_index": len(nb.cells) - 1,
+            "slices": slices,
         }
         return nb, resources
 
@@ -185,6 +188,7 @@ class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
         ref_runs = ref.get("runs", [{}, {}])
         nonces = ref.get("nonces", ["", ""])
         verdicts = {}
+        slices = info.get("slices") or {}
         hidden = {nbg(c).get("grade_id"): hidden_line_numbers(info["originals"].get(i, c.source))
                   for i, c in enumerate(nb.cells) if role(c) == "test"}
         for i, cell in enumerate(nb.cells):
@@ -195,7 +199,7 @@ class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
                 continue
             v = judge_cell(gid, plans, records.get(i, []), ref_runs[0].get(gid, []),
                            ref_runs[1].get(gid) if len(ref_runs) > 1 else None, nonce,
-                           (nonces[0], nonces[1] if len(nonces) > 1 else None), hidden)
+                           (nonces[0], nonces[1] if len(nonces) > 1 else None), hidden, slices.get(gid))
             verdicts[gid] = v.to_json()
             for f in v.flags:
                 f["source"] = "evidence"
@@ -205,7 +209,8 @@ class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
                                                                  and o.get("name") == "stderr")
                             for o in cell.get("outputs", []))
             if not v.ok:
-                if not has_error and execution.get("stopped") is None:
+                # a sliced cell never raises for a failed check (its kernel does not know the expected values)
+                if not has_error and execution.get("stopped") is None and gid not in slices:
                     flags.append({"kind": "hidden_failure", "source": "evidence", "where": gid,
                                   "detail": f"{gid}: {v.why}, yet the cell shows no error"})
                 cell.outputs.insert(0, NotebookNode(output_type="error", ename=ERROR_NAME, evalue=v.why,
@@ -270,19 +275,6 @@ class CheckEvidence(FollowsEvidence, NbGraderPreprocessor):
             if not sub.flagged:
                 sub.flagged = True
                 gb.db.commit()
-
-
-def hidden_line_numbers(source: str) -> set[int]:
-    """1-based numbers of the lines of a cell's hidden-test regions (markers included)."""
-    out, inside = set(), False
-    for n, line in enumerate(source.splitlines(), start=1):
-        if "BEGIN HIDDEN TESTS" in line:
-            inside = True
-        if inside:
-            out.add(n)
-        if "END HIDDEN TESTS" in line:
-            inside = False
-    return out
 
 
 def _ends_in_expression(source: str) -> bool:
