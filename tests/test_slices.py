@@ -148,10 +148,10 @@ def test_a_reporter_that_copies_the_other_operand_has_nothing_to_copy(reference)
     the one reported next to it, or by any value of the kernel's namespace of the same shape."""
     real = probe.report
 
-    def forged(nonce, gid, aid, leaves, mleaves=()):
+    def forged(nonce, gid, aid, leaves, *rest):
         if len(leaves) >= 2:
             leaves = [(leaves[0][0], leaves[1][1])] + list(leaves[1:])
-        return real(nonce, gid, aid, leaves, mleaves)
+        return real(nonce, gid, aid, leaves, *rest)
 
     probe.report = forged
     try:
@@ -217,3 +217,88 @@ def test_messages_are_written_from_their_literal_text_and_values():
     assert render_message(template, values) == "got    7 of 9, 0.50"
     values["m1"] = decode(probe.summarize(torch.Size([2, 3])))
     assert "torch.Size([2, 3])" in render_message(template, values)
+
+
+AFTER_THE_CALL = textwrap.dedent('''\
+    ### BEGIN HIDDEN TESTS
+    g = torch.Generator().manual_seed(2)
+    V = torch.randn(6, 3, generator=g)
+    ids = torch.tensor([[4, 1], [0, 0]])
+    alias = V
+    assert torch.equal(pick(V, ids), V[ids]), "rows differ"
+    assert alias.shape == (6, 3)
+    ### END HIDDEN TESTS
+    ''')
+
+
+@pytest.fixture(scope="module")
+def after_the_call():
+    nb = notebook(AFTER_THE_CALL, later="pass")
+    a, _ = execute(nb, "na", seed=0)
+    b, _ = execute(nb, "nb", seed=5)
+    return nb, ({"t": a}, {"t": b}), slice_plans(nb, {"t": a}, {"t": b}, ["na", "nb"])
+
+
+def grade_with(fixture, records, nonce="ns"):
+    nb, runs, slices = fixture
+    return judge_cell("t", assert_plans(plans_of(nb)), records, runs[0]["t"], runs[1]["t"], nonce, ("na", "nb"),
+                      {"t": set(range(1, 10))}, slices["t"])
+
+
+def test_a_value_computed_from_the_students_inputs_after_the_call_is_guarded(after_the_call):
+    nb, _, slices = after_the_call
+    cut = slices["t"]
+    assert cut["anchored"]["0"] == ["0.1"] and cut["guards"]["0"] == ["V", "ids"]
+    _, code = execute(nb, "ns", cut)
+    assert "V[ids]" not in code and "'g:V', lambda: V" in code
+    records, _ = execute(nb, "ns", cut)
+    assert grade_with(after_the_call, records).ok
+
+
+def test_an_answer_that_changes_its_input_in_place_fails_its_guard(after_the_call):
+    def sneaky(W, ids):
+        out = W[ids].clone()
+        W.zero_()
+        return out
+
+    records, _ = execute(after_the_call[0], "ns", after_the_call[2]["t"], pick=sneaky)
+    v = grade_with(after_the_call, records)
+    assert not v.ok and v.why == "a hidden check failed: your code changed `V`, a value the test passed to it"
+
+
+def test_an_alias_of_an_input_is_the_students(after_the_call):
+    """`alias = V` before the call shares V's object: what the student's code does to V shows in it, so it is
+    never taken from the reference run."""
+    assert "1" not in after_the_call[2]["t"]["anchored"] or "0.0" not in after_the_call[2]["t"]["anchored"]["1"]
+
+
+def test_the_checks_of_a_helper_function_are_judged_on_what_its_callers_pass():
+    """A helper's checks run when it is called, on the student's values: none of its values is anchored
+    (the wrong answer below would pass if `got` were taken from the reference run)."""
+    test = textwrap.dedent('''\
+        ### BEGIN HIDDEN TESTS
+        def _same(got, want, what):
+            assert got == want, f"{what}: got {got}"
+        V = torch.arange(6.0).reshape(3, 2)
+        got = pick(V, torch.tensor([2])).tolist()
+        _same(got, [[4.0, 5.0]], "row 2")
+        ### END HIDDEN TESTS
+        ''')
+    nb = notebook(test, later="pass")
+    a, _ = execute(nb, "na", seed=0)
+    b, _ = execute(nb, "nb", seed=4)
+    slices = slice_plans(nb, {"t": a}, {"t": b}, ["na", "nb"])
+    assert "0.0" not in slices["t"]["anchored"].get("0", [])
+    records, _ = execute(nb, "ns", slices["t"], pick=lambda W, ids: W[ids] * 2)
+    v = judge_cell("t", assert_plans(plans_of(nb)), records, a, b, "ns", ("na", "nb"), {"t": set(range(1, 9))},
+                   slices["t"])
+    assert not v.ok and v.why == "a hidden check failed: row 2: got [[8.0, 10.0]]"
+
+
+def test_a_name_an_answer_function_reads_is_the_students():
+    from grading_engine.evidence.instrument import notebook_entry_taint
+
+    cells = [("other", "import torch\nmodel = torch.nn.Linear(2, 2)"),
+             ("answer", "def freeze():\n    model.weight.requires_grad_(False)"),
+             ("test", "freeze()\nassert model.weight.requires_grad is False")]
+    assert "model" in notebook_entry_taint(cells)[2][0]

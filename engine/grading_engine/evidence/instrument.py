@@ -124,13 +124,19 @@ def module_names(trees: list[ast.AST]) -> set[str]:
     return out
 
 
-def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset()) -> set[str]:
+def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset(),
+              handed: set[str] | None = None, args_rule: bool = True) -> set[str]:
     """Grow ``tainted`` with the names of ``tree`` whose value may come from a tainted name (fixpoint).
 
     Names in ``modules`` (imported modules) are never tainted: ``torch`` in
     ``lookup(W, torch.tensor(...))`` is not a value handed to the student.
+
+    ``handed``, when given, receives the names tainted only because they were passed to the student's
+    code (the inputs of a call into an answer), not because a value of the student's flowed into them.
     """
     tainted = set(tainted) - set(modules)
+    by_args: set[str] = set()
+    by_flow: set[str] = set()
 
     def hot(node) -> bool:
         return bool(names_in(node) & tainted)
@@ -175,8 +181,11 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset())
                 args = list(node.args) + [k.value for k in node.keywords]
                 receiver = node.func.value if isinstance(node.func, ast.Attribute) else None
                 if hot(node.func):
+                    if not args_rule:
+                        continue
                     # a value handed to the student's code may be changed by it
                     for p in args + ([receiver] if receiver is not None else []):
+                        by_args |= base_names(p) - tainted
                         tainted |= base_names(p)
                 elif any(hot(p) for p in args):
                     # a library call stores a student's value only in its receiver (lst.append(v),
@@ -190,7 +199,18 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset())
                             and node.args:
                         tainted |= base_names(node.args[0])
         changed = len(tainted) != before
+    if handed is not None:
+        by_flow = _flow_names(tainted, tree, modules, by_args)
+        handed |= by_args - by_flow
     return tainted
+
+
+def _flow_names(tainted: set[str], tree: ast.AST, modules, by_args: set[str]) -> set[str]:
+    """Of the names ``by_args`` (tainted as arguments of the student's code), those that a student's value
+    also reaches in another way (assigned from one, a loop over one, ...): propagate again without the
+    argument rule, from everything tainted except them."""
+    seed = set(tainted) - set(by_args)
+    return propagate(seed, tree, modules, args_rule=False) & by_args
 
 
 @dataclass
@@ -325,6 +345,13 @@ def _pairs(paths, exprs) -> ast.Tuple:
     return _t(*[_t(_c(p), _lam(exprs[p])) for p in paths])
 
 
+GUARD = "g:"  # the path of a guard: the value of one input of the student's code, as the check saw it
+
+
+def _guards(names) -> ast.Tuple:
+    return _t(*[_t(_c(GUARD + n), _lam(ast.Name(n, ast.Load()))) for n in names])
+
+
 class _Rewriter(ast.NodeTransformer):
     """Rewrite the asserts (and scoring conditions) of a test cell.
 
@@ -333,11 +360,13 @@ class _Rewriter(ast.NodeTransformer):
     the comparison and never raises; the grader does all three.
     """
 
-    def __init__(self, gid: str, nonce_name: str, tainted: set[str], anchored: dict | None = None):
+    def __init__(self, gid: str, nonce_name: str, tainted: set[str], anchored: dict | None = None,
+                 guards: dict | None = None):
         self.gid = gid
         self.nonce_name = nonce_name
         self.tainted = tainted
         self.anchored = anchored
+        self.guards = guards or {}
         self.plans: list[AssertPlan] = []
         self.class_depth = 0
 
@@ -365,11 +394,15 @@ class _Rewriter(ast.NodeTransformer):
             call = ast.Call(func=ast.Attribute(value=ev, attr="report", ctx=ast.Load()),
                             args=[nonce, _c(self.gid), _c(aid),
                                   _pairs([p for p in b.exprs if p not in skip], b.exprs),
-                                  _pairs([p for p in mexprs if p not in skip], mexprs)], keywords=[])
+                                  _pairs([p for p in mexprs if p not in skip], mexprs),
+                                  _guards(self.guards.get(str(aid), ()))], keywords=[])
             return ast.copy_location(ast.Expr(call), node)
         msg = _lam(node.msg) if node.msg is not None else _c(None)
+        # every tainted name the check reads, as it is after the check: the inputs a slice may need unchanged
+        inputs = sorted(set().union(*[names_in(e) for e in b.exprs.values()]) & self.tainted)
         call = ast.Call(func=ast.Attribute(value=ev, attr="check", ctx=ast.Load()),
-                        args=[nonce, _c(self.gid), _c(aid), spec, msg, _pairs(list(mexprs), mexprs)], keywords=[])
+                        args=[nonce, _c(self.gid), _c(aid), spec, msg, _pairs(list(mexprs), mexprs),
+                              _guards(inputs)], keywords=[])
         return ast.copy_location(ast.Expr(call), node)
 
     def _branch(self, node: ast.If | ast.While):
@@ -408,7 +441,8 @@ def plan_cell(gid: str, source: str, tainted: set[str], modules: frozenset[str] 
     if tree is None:
         return CellPlan(gid, source, [], parsed=False), None
     local = propagate(tainted, tree, modules)
-    rw = _Rewriter(gid, "__course_ev_nonce__", local, None if cut is None else cut.get("anchored", {}))
+    rw = _Rewriter(gid, "__course_ev_nonce__", local, None if cut is None else cut.get("anchored", {}),
+                   None if cut is None else cut.get("guards", {}))
     last = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
     new = rw.visit(copy.deepcopy(tree))
     if cut is not None and cut.get("dropped"):
@@ -512,9 +546,9 @@ def _droppable(st: ast.stmt) -> bool:
     return False
 
 
-def slice_statements(source: str, tainted: set[str], modules: set[str], anchored: dict,
+def slice_statements(source: str, tainted: tuple[set[str], dict], modules: set[str], anchored: dict,
                      live_after: set[str] | None) -> list[int]:
-    # ``tainted``: the names that may hold the student's work when the cell starts
+    # ``tainted``: the names that may hold the student's work when the cell starts, and the alias groups
     """Line numbers of the top-level statements of a test cell's hidden region that the kernel need not run:
     they compute only values the grader takes from the reference run (``anchored``: check id -> leaf
     paths), and no later statement or cell reads what they bind. A statement that touches the student's
@@ -523,8 +557,8 @@ def slice_statements(source: str, tainted: set[str], modules: set[str], anchored
     tree = parse_cell(source)
     if tree is None or live_after is None:
         return []
-    states = statement_taint(tree, tainted, modules)
-    plan, _ = plan_cell("_", source, set(tainted), modules)
+    states = [student | handed for student, handed in statement_taint(tree, tainted, modules)]
+    plan, _ = plan_cell("_", source, set(tainted[0]), modules)
     kernel: dict[tuple[int, int], set[str]] = {}
     for a in plan.asserts:
         if a.branch or not a.instrumented:
@@ -609,34 +643,13 @@ def ambient(src: str) -> bool:
                for n in ast.walk(tree))
 
 
-def notebook_entry_taint(cells: list[tuple[str, str]]) -> list[set[str]]:
-    """For each cell, the names that may hold the student's work when it starts (flow-sensitive, in cell
-    order). Answer cells add every name they bind or read (a top-level ``model.eval()`` in an answer makes
-    ``model`` the student's), except modules and builtins; the other cells propagate what they receive."""
-    import builtins
-
-    trees = [(r, parse_cell(src)) for r, src in cells]
-    modules = module_names([t for _, t in trees if t is not None])
-    plain = set(dir(builtins))
-    state: set[str] = set()
-    out = []
-    for r, tree in trees:
-        out.append(set(state))
-        if tree is None:
-            continue
-        if r == "answer":
-            state |= (bound_names(tree) | (_global_loads(tree) - plain)) - modules
-        else:
-            state = propagate(state, tree, modules)
-    return out
-
-
 def _global_loads(tree: ast.AST) -> set[str]:
     """Names a cell reads at its top level, or declares ``global`` in a function (not a function's locals)."""
     out: set[str] = set()
 
     def walk(node):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            out.update(_global_loads_of_function(node))  # the globals it reads or declares
             for n in ast.walk(node):
                 if isinstance(n, ast.Global):
                     out.update(n.names)
@@ -654,31 +667,153 @@ def _global_loads(tree: ast.AST) -> set[str]:
     return out
 
 
-def statement_taint(tree: ast.Module, entry: set[str], modules: set[str]) -> list[set[str]]:
-    """The tainted names at each top-level statement of a cell, that statement's own effects included (a
-    call into the student's code taints its arguments for the rest of the statement too)."""
-    out = []
-    state = set(entry)
-    for st in tree.body:
-        state = propagate(state, ast.Module(body=[st], type_ignores=[]), modules)
-        out.append(set(state))
+FRESH_CALLS = frozenset({"clone", "copy", "deepcopy", "item", "tolist", "sum", "mean", "std", "var", "norm", "numel",
+                         "dim", "len", "int", "float", "str", "bool", "repr", "isinstance", "hasattr", "allclose",
+                         "equal", "tensor", "randn", "rand", "randint", "zeros", "ones", "full", "arange", "empty"})
+
+
+def _fresh(value: ast.AST) -> bool:
+    """An expression whose value is a new object, sharing nothing with the names it reads."""
+    if isinstance(value, (ast.Constant, ast.JoinedStr, ast.BinOp, ast.UnaryOp, ast.Compare)):
+        return True
+    if isinstance(value, ast.Call):
+        f = value.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        return name in FRESH_CALLS
+    return False
+
+
+def alias_groups(trees: list[ast.AST], modules: set[str]) -> dict[str, set[str]]:
+    """name -> the names that may share an object with it anywhere in the notebook (``e = model.embed``,
+    ``held.append(w)``, ``model.head = e``, a function or lambda that reads it), one flow-insensitive union."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(names):
+        names = [n for n in names if n not in modules]
+        for a, b in zip(names, names[1:]):
+            parent[find(a)] = find(b)
+
+    def bases(node):
+        """The names whose objects ``node``'s value may share (not the functions it calls)."""
+        callees = {id(n.func) for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and id(n) not in callees}
+
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if not _fresh(node.value) or not all(isinstance(t, ast.Name) for t in targets):
+                    union(sorted(set().union(*(bases(t) for t in targets)) | bases(node.value)))
+            elif isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+                union(sorted(bases(node.target) | bases(node.iter)))
+            elif isinstance(node, (ast.With, ast.AsyncWith)):
+                for item in node.items:
+                    if item.optional_vars is not None:
+                        union(sorted(bases(item.optional_vars) | bases(item.context_expr)))
+            elif isinstance(node, ast.NamedExpr):
+                union(sorted(bases(node.target) | bases(node.value)))
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                union(sorted({node.name} | _global_loads_of_function(node)))
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(
+                    node.func.value, ast.Name) and node.func.value.id not in modules:
+                union(sorted({node.func.value.id}.union(*(bases(a) for a in node.args),
+                                                         *(bases(k.value) for k in node.keywords))))
+    groups: dict[str, set[str]] = {}
+    for x in list(parent):
+        groups.setdefault(find(x), set()).add(x)
+    return {x: groups[find(x)] for x in parent}
+
+
+def _global_loads_of_function(node) -> set[str]:
+    local = {a.arg for a in node.args.args + node.args.kwonlyargs + node.args.posonlyargs}
+    local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - local
+
+
+def _close(names: set[str], groups: dict[str, set[str]]) -> set[str]:
+    out = set(names)
+    for n in names:
+        out |= groups.get(n, set())
     return out
 
 
-def flow_leaf_taint(source: str, entry: set[str], modules: set[str]) -> dict[tuple[int, str], bool]:
-    """(check id, leaf path) -> whether the leaf may hold the student's work where it is evaluated, from
-    :func:`statement_taint` (the plan's own taint is one set for the whole notebook)."""
+def notebook_entry_taint(cells: list[tuple[str, str]]) -> list[tuple[set[str], dict]]:
+    """For each cell, the names that may hold the student's work when it starts (flow-sensitive, in cell
+    order), and the notebook's alias groups. Answer cells add every name they bind or read (a top-level
+    ``model.eval()`` in an answer makes ``model`` the student's), except modules and builtins; the other
+    cells propagate what they receive; a name that may share an object with a tainted one is tainted."""
+    import builtins
+
+    trees = [(r, parse_cell(src)) for r, src in cells]
+    modules = module_names([t for _, t in trees if t is not None])
+    groups = alias_groups([t for r, t in trees if t is not None and r != "answer"], modules)
+    plain = set(dir(builtins))
+    state: set[str] = set()
+    out = []
+    for r, tree in trees:
+        out.append((set(state), groups))
+        if tree is None:
+            continue
+        if r == "answer":
+            state |= (bound_names(tree) | (_global_loads(tree) - plain)) - modules
+        else:
+            state = propagate(state, tree, modules)
+        state = _close(state, groups) - modules
+    return out
+
+
+def statement_taint(tree: ast.Module, entry: tuple[set[str], dict], modules: set[str]) -> list[tuple[set, set]]:
+    """(student's names, handed names) at each top-level statement of a cell, that statement's own effects
+    included (a call into the student's code taints its arguments for the rest of the statement too).
+    Handed names are the inputs passed to the student's code and nothing else of the student's reached:
+    a value the test computes from them is the test's own as long as they are unchanged."""
+    student, groups = set(entry[0]), entry[1]
+    handed: set[str] = set()
+    out = []
+    for st in tree.body:
+        new_handed: set[str] = set()
+        state = propagate(student | handed, ast.Module(body=[st], type_ignores=[]), modules, new_handed)
+        handed = (handed | new_handed) & state
+        student = state - handed
+        # an alias of a handed or student name is the student's (it may see what their code changed)
+        student |= _close(student | handed, groups) - handed - {n for n in handed}
+        student -= set(modules)
+        handed -= student
+        out.append((set(student), set(handed)))
+    return out
+
+
+def flow_leaf_taint(source: str, entry: tuple[set[str], dict], modules: set[str]) -> dict[tuple[int, str], object]:
+    """(check id, leaf path) -> ``True`` when the leaf may hold the student's work where it is evaluated, a
+    tuple of names when it reads the student's inputs only (the guards: the names that must be unchanged
+    for the reference's value to hold), ``False`` when it is the test's own (:func:`statement_taint`)."""
     tree = parse_cell(source)
     if tree is None:
         return {}
     states = statement_taint(tree, entry, modules)
     rw = _Rewriter("_", "__course_ev_nonce__", set())
     out = {}
-    for st, state in zip(copy.deepcopy(tree).body, states):
-        rw.tainted = state
+    for st, (student, handed) in zip(copy.deepcopy(tree).body, states):
+        rw.tainted = student | handed
         first = len(rw.plans)
+        # a function's checks run when it is called, with whatever its callers pass: always the student's
+        deferred = {(n.lineno, n.col_offset) for f in ast.walk(st)
+                    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                    for n in ast.walk(f) if isinstance(n, (ast.Assert, ast.If, ast.While))}
         rw.visit(st)
         for a in rw.plans[first:]:
             for path, leaf in list(a.leaves.items()) + list(a.mleaves.items()):
-                out[(a.aid, path)] = leaf["taint"] or ambient(leaf["src"])
+                names = names_in(ast.parse(leaf["src"], mode="eval")) if leaf["taint"] else set()
+                if (a.lineno, a.col) in deferred or ambient(leaf["src"]) or names & student:
+                    out[(a.aid, path)] = True
+                elif names & handed:
+                    out[(a.aid, path)] = tuple(sorted(names & handed))
+                else:
+                    out[(a.aid, path)] = False
     return out

@@ -598,6 +598,37 @@ def same_value(a: dict, b: dict) -> bool:
     return json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
 
 
+def exact(s: dict) -> bool:
+    """Does a summary stand for its whole value (so that two equal summaries are the same value)?"""
+    t = s.get("t")
+    if t in ("c", "i", "f", "x", "k", "type"):
+        return True
+    if t == "s":
+        return s.get("n", 0) <= len(s.get("v", ""))
+    if t == "a":
+        return bool(s.get("h"))
+    if t in ("q", "set", "d"):
+        items = [x for pair in s.get("v", []) for x in pair] if t == "d" else s.get("v", [])
+        return s.get("n") == len(s.get("v", [])) and all(exact(x) for x in items)
+    return False
+
+
+def same_exactly(a: dict, b: dict) -> bool:
+    """Two exact summaries of the same value, to the bit."""
+    if a.get("t") != b.get("t"):
+        return False
+    if a.get("t") == "a":
+        return a.get("dt") == b.get("dt") and a.get("sh") == b.get("sh") and a.get("h") == b.get("h")
+    if a.get("t") in ("q", "set", "d"):
+        va, vb = a.get("v", []), b.get("v", [])
+        if a.get("n") != b.get("n") or a.get("k") != b.get("k") or len(va) != len(vb):
+            return False
+        if a.get("t") == "d":
+            return all(same_exactly(x[0], y[0]) and same_exactly(x[1], y[1]) for x, y in zip(va, vb))
+        return all(same_exactly(x, y) for x, y in zip(va, vb))
+    return json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
+
+
 @dataclass
 class AssertVerdict:
     aid: int
@@ -893,6 +924,13 @@ def render_message(template: list | None, values: dict) -> str:
     return "".join(out)
 
 
+GUARD = "g:"  # see grading_engine.evidence.instrument.GUARD
+
+
+def _unchanged(mine: dict | None, ref: dict | None) -> bool:
+    return mine is not None and ref is not None and exact(ref) and same_exactly(mine, ref)
+
+
 def _sliced_values(plan: dict, rec: dict, ref: dict | None, anchored: set) -> dict:
     """The values of one check of a sliced cell: the anchored ones from the reference run, the others as the
     student's kernel reported them."""
@@ -939,6 +977,11 @@ def _judge_sliced(gid: str, plans: dict, student: list[dict], ref_a: list[dict],
         ref = a_asserts[k] if k < len(ref_seq) and ref_seq[k] == key else None
         if mine and ref is None:
             v.why = f"{where}: the test ran its checks in another order than the reference"
+            return v
+        changed = [g for g in (cut.get("guards") or {}).get(str(rec["i"]), ())
+                   if not _unchanged(rec.get("v", {}).get(GUARD + g), (ref or {}).get("v", {}).get(GUARD + g))]
+        if changed:
+            v.why = f"{where} failed: your code changed `{changed[0]}`, a value the test passed to it"
             return v
         try:
             values = _sliced_values(plan, rec, ref, mine)

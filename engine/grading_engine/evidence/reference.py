@@ -35,6 +35,7 @@ from nbformat import NotebookNode
 
 from grading_engine.evidence.instrument import (
     EV,
+    GUARD,
     flow_leaf_taint,
     hidden_line_numbers,
     instrument_cell,
@@ -294,25 +295,35 @@ VALUE_IDENTITY = ("c", "k", "type")  # None/True/False, dtypes and classes: `is`
 
 def slice_plans(ref: NotebookNode, run_a: dict, run_b: dict, nonces: list[str]) -> dict:
     """grade_id -> the slice of each test cell: which values of each check come from the reference run
-    (the test's own values: untainted, the same in runs A and B), and which statements of its hidden
-    region the kernel need not run (:func:`~grading_engine.evidence.instrument.slice_statements`)."""
-    from grading_engine.evidence.judge import records_by_kind, same_value
+    (the test's own values: untainted, the same in runs A and B; or computed from inputs the test handed
+    to the student's code, which the kernel then reports as *guards* that must be unchanged), and which
+    statements of its hidden region the kernel need not run
+    (:func:`~grading_engine.evidence.instrument.slice_statements`)."""
+    from grading_engine.evidence.judge import exact, records_by_kind, same_exactly, same_value
 
     cells = _code_cells(ref)
     modules, plans = _modules(cells), _plans(cells)
     entry = notebook_entry_taint([(r, src) for r, src, _ in cells])
     live = live_after_cells([src for _, src, _ in cells])
+    # a helper with asserts that one test cell defines and another calls: neither cell is sliced (a check
+    # is sliced by the cell that defines it, its records land in the cell that calls it)
+    shared = set()
+    for gid, recs in list(run_a.items()) + list(run_b.items()):
+        foreign = {x.get("g") for x in recs if x.get("k") in ("a", "b") and x.get("g") != gid}
+        if foreign:
+            shared |= foreign | {gid}
     out = {}
     for idx, (r, src, gid) in enumerate(cells):
         plan = plans.get(gid) if r == "test" else None
-        if plan is None or not plan.parsed or not any(a.instrumented and not a.branch for a in plan.asserts):
+        if plan is None or gid in shared or not plan.parsed or not any(
+                a.instrumented and not a.branch for a in plan.asserts):
             continue
         a_recs, a_begin, a_done, _ = records_by_kind(run_a.get(gid, []), nonces[0])
         b_recs, b_begin, b_done, _ = records_by_kind(run_b.get(gid, []), nonces[1])
         if not (a_begin and a_done and b_begin and b_done) or \
                 [(x["g"], x["i"]) for x in a_recs] != [(x["g"], x["i"]) for x in b_recs]:
             continue
-        anchored = {}
+        anchored, guarded = {}, {}
         student_side = flow_leaf_taint(src, entry[idx], set(modules))
         for a in plan.asserts:
             if a.branch or not a.instrumented:
@@ -321,17 +332,24 @@ def slice_plans(ref: NotebookNode, run_a: dict, run_b: dict, nonces: list[str]) 
             if not pairs:
                 continue
             identity = _identity_operands(a.tree)
-            paths = []
+            paths, inputs = [], set()
             for path in list(a.leaves) + list(a.mleaves):
-                if student_side.get((a.aid, path), True):
+                side = student_side.get((a.aid, path), True)
+                if side is True:
                     continue
+                guards = [GUARD + n for n in side] if side else []
                 if all(path in x["v"] and path in y["v"] and x["v"][path].get("t") != "r"
                        and same_value(x["v"][path], y["v"][path])
-                       and (path not in identity or x["v"][path].get("t") in VALUE_IDENTITY) for x, y in pairs):
+                       and (path not in identity or x["v"][path].get("t") in VALUE_IDENTITY)
+                       and all(g in x["v"] and g in y["v"] and exact(x["v"][g]) and same_exactly(x["v"][g], y["v"][g])
+                               for g in guards) for x, y in pairs):
                     paths.append(path)
+                    inputs |= set(side or ())
             if paths:
                 anchored[str(a.aid)] = sorted(paths)
-        out[gid] = {"anchored": anchored,
+            if inputs:
+                guarded[str(a.aid)] = sorted(inputs)
+        out[gid] = {"anchored": anchored, "guards": guarded,
                     "dropped": slice_statements(src, entry[idx], set(modules), anchored, live[idx])}
     return out
 

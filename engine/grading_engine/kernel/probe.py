@@ -520,18 +520,19 @@ def begin(nonce: str, gid: str) -> None:
     _emit(_mark({"k": "begin", "n": nonce, "g": gid}))
 
 
-def check(nonce: str, gid: str, aid: int, tree, msg=None, mleaves=()) -> None:
+def check(nonce: str, gid: str, aid: int, tree, msg=None, mleaves=(), guards=()) -> None:
     """Evaluate one instrumented assert: publish what it observed, then raise like ``assert`` would.
 
     ``mleaves`` are the values its message shows (path, thunk), evaluated too (the reference runs record
-    them, so that the grader can write the message of a check the kernel does not run)."""
+    them, so that the grader can write the message of a check the kernel does not run); ``guards`` the
+    inputs of the student's code the check reads, as they are after it."""
     ev = _Eval()
     ok = None
     try:
         result = ev.node(tree)
         ok = bool(result)
     finally:
-        _leaves(ev.values, mleaves)
+        _leaves(_leaves(ev.values, mleaves), guards)
         _emit(_mark({"k": "a", "n": nonce, "g": gid, "i": aid, "ok": ok, "v": ev.values}))
     if not ok:
         if msg is None:
@@ -557,11 +558,13 @@ def _leaves(values: dict, leaves) -> dict:
     return values
 
 
-def report(nonce: str, gid: str, aid: int, leaves, mleaves=()) -> None:
+def report(nonce: str, gid: str, aid: int, leaves, mleaves=(), guards=()) -> None:
     """The student's side of one assert of a sliced test cell: the values of the leaves that depend on
     the student's work (path, thunk), each evaluated once, in order, whatever the others gave. Nothing is
-    compared and nothing raised here: the values the test expects are not in this process."""
-    _emit(_mark({"k": "a", "n": nonce, "g": gid, "i": aid, "v": _leaves(_leaves({}, leaves), mleaves)}))
+    compared and nothing raised here: the values the test expects are not in this process. ``guards``
+    are the inputs the test handed to the student's code whose values the grader needs unchanged."""
+    _emit(_mark({"k": "a", "n": nonce, "g": gid, "i": aid,
+                 "v": _leaves(_leaves(_leaves({}, leaves), mleaves), guards)}))
 
 
 MAX_BRANCH_REPORTS = 256  # reports per condition and cell: a loop's condition is reported this often at most
