@@ -350,3 +350,53 @@ def test_a_batch_shares_the_cores_between_its_kernels(monkeypatch, course_sets, 
         assert [os.environ.get(v) for v in THREAD_VARIABLES] == [str(want)] * 3
     else:
         assert chosen is None and not any(v in os.environ for v in THREAD_VARIABLES)
+
+
+@pytest.mark.grading
+def test_the_grading_seed_moves_the_hidden_inputs_in_a_real_autograde(tmp_path):
+    """`--GradingEngine.input_seed=1234`: the hidden test draws other inputs than the ones it was written
+    with, in the reference runs and in each student's run alike: an honest answer keeps its point, an answer
+    that learned the test's own input fails."""
+    import random
+
+    from grading_engine.sandbox.bwrap import availability
+
+    ok, why = availability()
+    if not ok:
+        pytest.skip(f"the sandbox cannot start here: {why}")
+    root = tmp_path / "course"
+    _tiny_course(root, "c.GradingEngine.preload = []\nc.GradingEngine.sandbox_packages = ['course']\n")
+    nb = nbformat.read(str(root / "source" / "ps1" / "p.ipynb"), as_version=4)
+    nb.cells[2].source = ("assert double(3) == 6\n### BEGIN HIDDEN TESTS\nimport random\nrandom.seed(4)\n"
+                          "x = random.randint(0, 10**9)\nprint('input', x)\nwant = 2 * x\nassert double(x) == want\n"
+                          "### END HIDDEN TESTS")
+    nbformat.write(nb, str(root / "source" / "ps1" / "p.ipynb"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COURSE_")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["COURSE_INTEGRITY_CACHE"] = str(tmp_path / "cache")
+    p = _nbgrader(root, "generate_assignment", "ps1", "--force", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    random.seed(4)
+    learned = random.randint(0, 10**9)
+    random.seed(1238)
+    moved = random.randint(0, 10**9)
+    answers = {"alice": "def double(x):\n    return x + x",
+               "bob": f"def double(x):\n    return {{3: 6, {learned}: {2 * learned}}}.get(x, 0)"}
+    for student, code in answers.items():
+        sub = root / "submitted" / student / "ps1"
+        sub.mkdir(parents=True)
+        released = nbformat.read(str(root / "release" / "ps1" / "p.ipynb"), as_version=4)
+        released.cells[1].source = code
+        nbformat.write(released, str(sub / "p.ipynb"))
+    p = _nbgrader(root, "autograde", "ps1", "--GradingEngine.input_seed=1234", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{root / 'gradebook.db'}") as gb:
+        assert gb.find_submission("ps1", "alice").score == 1
+        assert gb.find_submission("ps1", "bob").score == 0
+    graded = nbformat.read(str(root / "autograded" / "alice" / "ps1" / "p.ipynb"), as_version=4)
+    assert f"input {moved}" in "".join(o.get("text", "") for o in graded.cells[2].outputs)
+    assert "random.seed(4)" in graded.cells[2].source  # the autograded notebook keeps the test as written
+    cached = [json.loads(f.read_text()) for f in (tmp_path / "cache").glob("*.json")]
+    assert [c["seed"] for c in cached] == [1234]

@@ -78,11 +78,11 @@ def test_arrays_round_trip_whole(value):
 
 
 def test_a_large_tensor_is_sampled_with_exact_statistics():
-    value = torch.arange(10_000, dtype=torch.float64)
+    value = torch.arange(probe.FULL + 10_000, dtype=torch.float64)
     arr = decode(wire(value))
-    assert not arr.full and arr.n == 10_000 and len(arr.vals) == probe.SAMPLE
-    assert arr.st[0] == float(value.sum()) and arr.st[2] == 0.0 and arr.st[3] == 9999.0
-    assert arr.vals[0] == 0.0 and arr.vals[-1] == 9999.0
+    assert not arr.full and arr.n == probe.FULL + 10_000 and len(arr.vals) == probe.SAMPLE
+    assert arr.st[0] == float(value.sum()) and arr.st[2] == 0.0 and arr.st[3] == probe.FULL + 9999.0
+    assert arr.vals[0] == 0.0 and arr.vals[-1] == probe.FULL + 9999.0
 
 
 def test_sizes_types_keys_and_objects_round_trip():

@@ -302,3 +302,63 @@ def test_a_name_an_answer_function_reads_is_the_students():
              ("answer", "def freeze():\n    model.weight.requires_grad_(False)"),
              ("test", "freeze()\nassert model.weight.requires_grad is False")]
     assert "model" in notebook_entry_taint(cells)[2][0]
+
+
+def test_a_check_the_grader_cannot_decide_alone_is_found_without_running_the_slice():
+    """`isinstance` with an abstract class needs the kernel's own verdict: run A's records, judged as a
+    sliced student run, show it before any run of the slice (the cell is then graded whole)."""
+    test = "import collections.abc\nassert isinstance(pick(torch.arange(3.0), torch.tensor([0])).tolist(), " \
+           "collections.abc.Sequence)\n"
+    nb = notebook(test, later="pass")
+    a, _ = execute(nb, "na", seed=0)
+    b, _ = execute(nb, "nb", seed=4)
+    slices = slice_plans(nb, {"t": a}, {"t": b}, ["na", "nb"])
+    undecided = _check_slices(nb, slices, {"t": a}, "na", {"t": a}, {"t": b}, ["na", "nb"])
+    assert "abstract base class" in undecided["t"]
+
+
+def test_the_hidden_regions_seeds_move_with_the_grading_seed_and_nothing_else_does():
+    from grading_engine.evidence.instrument import reseed
+
+    src = textwrap.dedent('''\
+        g = torch.Generator().manual_seed(5)
+        ### BEGIN HIDDEN TESTS
+        g = torch.Generator().manual_seed(5); torch.manual_seed(0)  # é
+        rng = np.random.default_rng(3)
+        x = torch.randn(3, generator=torch.Generator().manual_seed(2 ** 31 - 1))
+        ### END HIDDEN TESTS
+        ''')
+    out = reseed(src, 1000)
+    assert out.splitlines()[0] == "g = torch.Generator().manual_seed(5)"  # visible: the student's own checks
+    assert "manual_seed(1005); torch.manual_seed(1000)  # é" in out and "default_rng(1003)" in out
+    assert "manual_seed(2 ** 31 - 1)" in out  # not a number as written: left alone
+    assert len(out.splitlines()) == len(src.splitlines()) and reseed(src, 0) == src
+
+
+def test_a_reseeded_reference_and_student_agree(reference):
+    nb, _, _ = reference
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))
+    from grading_engine.evidence.instrument import reseed
+
+    nb.cells[2].source = reseed(nb.cells[2].source, 77)
+    a, _ = execute(nb, "na", seed=0)
+    b, _ = execute(nb, "nb", seed=9)
+    slices = slice_plans(nb, {"t": a}, {"t": b}, ["na", "nb"])
+    records, _ = execute(nb, "ns", slices["t"])
+    v = judge_cell("t", assert_plans(plans_of(nb)), records, a, b, "ns", ("na", "nb"), {"t": set(range(4, 16))},
+                   slices["t"])
+    assert v.ok, v.why
+    assert "manual_seed(82)" in nb.cells[2].source
+
+
+def test_a_tensor_of_a_class_the_notebook_defines_is_refused_and_flagged(reference):
+    """A `torch.Tensor` subclass written in the notebook decides what its comparisons say in the student's
+    process: the check scores zero and is flagged, whatever the values."""
+    records, _ = execute(reference[0], "ns", reference[2]["t"])
+    forged = json.loads(json.dumps(records))
+    for r in forged:
+        for s in (r.get("v") or {}).values():
+            if s.get("t") == "a":
+                s["main"], s["ty"] = True, "__main__._Yes"
+    v = grade(reference, forged)
+    assert not v.ok and v.flags[0]["kind"] == "comparison_forged" and "_Yes" in v.flags[0]["detail"]

@@ -149,6 +149,16 @@ class GradingEngine(Configurable):
              "A cell over its cap loses the rest of that output and is flagged.",
     ).tag(config=True)
 
+    input_seed = EnvInteger(
+        0, "COURSE_INPUT_SEED",
+        help="Seeds the hidden tests' own random inputs at grading time: every integer seed written in a "
+             "hidden region (torch.manual_seed(5), torch.Generator().manual_seed(5), np.random.seed(5), "
+             "np.random.default_rng(5), random.seed(5)) becomes (seed + input_seed) mod 2**31, in the reference "
+             "runs and in every student's run, so that a submission cannot have learned the exact inputs in "
+             "advance. 0: the tests' own seeds. Change it each term (or each batch). A notebook whose reference "
+             "fails a test with the new seeds is graded with its own seeds, and the log says so.",
+    ).tag(config=True)
+
     # -- caches
     reference_cache = EnvUnicode(
         "", "COURSE_INTEGRITY_CACHE",

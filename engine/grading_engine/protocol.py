@@ -24,7 +24,7 @@ class ValueTag(StrEnum):
     FLOAT = "f"  # a float (repr for inf and nan)
     STR = "s"  # text, cut at 4000 characters (with a hash of the whole)
     COMPLEX = "x"
-    ARRAY = "a"  # a tensor or ndarray: dtype, shape, values (sampled beyond 4096) and statistics
+    ARRAY = "a"  # a tensor or ndarray: dtype, shape, values (sampled beyond 16384) and statistics
     SEQUENCE = "q"  # list, tuple, torch.Size, dict keys or values
     SET = "set"
     DICT = "d"

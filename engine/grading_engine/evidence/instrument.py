@@ -817,3 +817,32 @@ def flow_leaf_taint(source: str, entry: tuple[set[str], dict], modules: set[str]
                 else:
                     out[(a.aid, path)] = False
     return out
+
+
+SEED_CALLS = frozenset({"manual_seed", "seed", "default_rng", "RandomState"})
+
+
+def reseed(source: str, offset: int) -> str:
+    """``source`` with each integer seed of its hidden region moved by ``offset`` (mod 2**31): the first
+    argument of ``manual_seed``, ``seed``, ``default_rng`` or ``RandomState`` when it is written as a number.
+    Only those characters change, so every line keeps its number."""
+    if not offset:
+        return source
+    tree = parse_cell(source)
+    if tree is None:
+        return source
+    hidden = hidden_line_numbers(source)
+    spots = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and n.args and n.lineno in hidden:
+            f = n.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            a = n.args[0]
+            if name in SEED_CALLS and isinstance(a, ast.Constant) and type(a.value) is int \
+                    and a.lineno == a.end_lineno:
+                spots.append((a.lineno, a.col_offset, a.end_col_offset, (a.value + offset) % 2 ** 31))
+    lines = source.splitlines(keepends=True)
+    for lineno, start, end, value in sorted(spots, reverse=True):
+        raw = lines[lineno - 1].encode()  # AST columns count UTF-8 bytes
+        lines[lineno - 1] = (raw[:start] + str(value).encode() + raw[end:]).decode()
+    return "".join(lines)

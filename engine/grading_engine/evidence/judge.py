@@ -767,6 +767,15 @@ def judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], re
             v.flags.append(_flag(FlagKind.PATCHED_FUNCTION, f"{gid}: the notebook replaced the grader's "
                                                             f"{', '.join(map(str, replaced))[:120]} in the kernel"))
             return v
+        own = sorted({s.get("ty", "?") for r in student if r.get("n") == nonce and r.get("k") in ("a", "b")
+                      for s in (r.get("v") or {}).values() if isinstance(s, dict) and s.get("t") == ValueTag.ARRAY
+                      and s.get("main")})
+        if own:
+            # a tensor or array of a class the notebook defines: its comparisons are the student's to write
+            v = CellVerdict(gid, False, why=f"a check compares a tensor of a class your notebook defines ({own[0]})")
+            v.flags.append(_flag(FlagKind.COMPARISON_FORGED, f"{gid}: a tensor of a class defined in the notebook "
+                                                             f"({', '.join(own)[:120]})"))
+            return v
         if cut is not None:
             return _judge_sliced(gid, plans, student, ref_a, ref_b, nonce, ref_nonces, hidden or {}, cut)
         return _judge_cell(gid, plans, student, ref_a, ref_b, nonce, ref_nonces, hidden or {})

@@ -44,6 +44,7 @@ from grading_engine.evidence.instrument import (
     notebook_modules,
     notebook_taint,
     plan_cell,
+    reseed,
     slice_statements,
     student_names,
 )
@@ -156,10 +157,11 @@ def assert_plans(plans: dict) -> dict:
 
 def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool = False,
                  probe: bool = False, modules: set[str] = frozenset(),
-                 slices: dict | None = None) -> tuple[NotebookNode, dict]:
+                 slices: dict | None = None, seed: int = 0) -> tuple[NotebookNode, dict]:
     """A copy of ``nb`` with its test cells instrumented; returns it and {cell index: original source}.
 
-    A test cell with a slice in ``slices`` (grade_id -> slice) becomes its student's side only."""
+    A test cell with a slice in ``slices`` (grade_id -> slice) becomes its student's side only; ``seed``
+    moves the seeds of the hidden regions (:func:`~grading_engine.evidence.instrument.reseed`)."""
     out = copy.deepcopy(nb)
     originals = {}
     cells = []
@@ -171,7 +173,8 @@ def instrumented(nb: NotebookNode, tainted: set[str], nonce: str, perturb: bool 
         if role(c) == "test":
             gid = nbg(c).get("grade_id")
             originals[len(cells)] = c.source
-            c.source, _ = instrument_cell(gid, c.source, tainted, nonce, modules, (slices or {}).get(gid))
+            c.source, _ = instrument_cell(gid, reseed(c.source, seed), tainted, nonce, modules,
+                                          (slices or {}).get(gid))
         cells.append(c)
         if perturb and role(c) == "answer":
             names = sorted(student_names([c.source]))
@@ -232,7 +235,8 @@ _INSTRUMENT = (ENGINE / "evidence" / "instrument.py").read_bytes()
 KERNEL_PARTS = ("kernel/probe.py", "kernel/audit.py", "kernel/inner.py", "kernel/warm.py", "protocol.py")
 
 
-def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None, threads: int | None = None) -> str:
+def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = None, threads: int | None = None,
+              seed: int = 0) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
     h.update(_versions().encode())
@@ -247,6 +251,8 @@ def cache_key(ref: NotebookNode, assignment_dir: Path, sandboxed: bool | None = 
     h.update(b"sandbox" if sandboxed else b"nosandbox")
     if threads is not None:  # a float reduction may round differently on another number of threads
         h.update(f"threads={threads}".encode())
+    if seed:
+        h.update(f"seed={seed}".encode())
     if assignment_dir.exists():
         for p in sorted(assignment_dir.rglob("*")):
             if p.is_file() and p.suffix != ".ipynb" and ".ipynb_checkpoints" not in p.parts \
@@ -385,6 +391,13 @@ def _run_reference(nb: NotebookNode, assignment_dir: Path, config, log, executor
 SLICE_RUNS = 3  # runs of the sliced reference at most: each leaves out the slices the previous one refuted
 
 
+def _say_whole(log, bad: dict) -> None:
+    if log is not None:
+        for gid, why in sorted(bad.items()):
+            log.warning("integrity: test cell %s cannot be sliced (%s): its checks run whole in the student's "
+                        "process", gid, why)
+
+
 def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None) -> dict:
     """Evidence of runs A and B of the reference notebook, and the slices of its test cells (cached).
 
@@ -396,7 +409,7 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
     from grading_engine.config import GradingEngine
 
     settings = GradingEngine(config=config)
-    key = cache_key(ref, assignment_dir, settings.sandbox, settings.threads)
+    key = cache_key(ref, assignment_dir, settings.sandbox, settings.threads, settings.input_seed)
     cdir = settings.reference_cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
     path = cdir / f"{key}.json"
@@ -411,35 +424,50 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
         if log is not None:
             log.info("integrity: running the reference notebook (twice, then its slices) to record its evidence")
         tainted = taint_of(ref)
-        out: dict = {"key": key, "nonces": [], "runs": [], "audit": [], "stopped": []}
-        for perturb in (False, True):
-            nonce = secrets.token_hex(8)
-            nb, _ = instrumented(ref, tainted, nonce, perturb=perturb, modules=modules_of(ref))
-            done, ex = _run_reference(nb, assignment_dir, config, log, executor)
-            out["nonces"].append(nonce)
-            out["runs"].append(_records(done))
-            out["audit"].append(ex.get("audit", []))
-            out["stopped"].append(ex.get("stopped"))
-            if log is not None:
+        seed = settings.input_seed
+        while True:
+            out: dict = {"key": key, "nonces": [], "runs": [], "audit": [], "stopped": [], "seed": seed}
+            failed = []
+            for perturb in (False, True):
+                nonce = secrets.token_hex(8)
+                nb, _ = instrumented(ref, tainted, nonce, perturb=perturb, modules=modules_of(ref), seed=seed)
+                done, ex = _run_reference(nb, assignment_dir, config, log, executor)
+                out["nonces"].append(nonce)
+                out["runs"].append(_records(done))
+                out["audit"].append(ex.get("audit", []))
+                out["stopped"].append(ex.get("stopped"))
                 errors = [nbg(c).get("grade_id") or i for i, c in enumerate(done.cells)
                           if role(c) == "test" and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
-                if errors:
+                if errors and log is not None:
                     log.warning("integrity: reference run %s: test cells failed: %s", "B" if perturb else "A", errors)
+                if errors and not perturb:
+                    failed = errors
+                    if seed:
+                        break
+            if not (failed and seed):
+                break
+            if log is not None:
+                log.warning("integrity: with GradingEngine.input_seed = %d the reference fails %s: this notebook is "
+                            "graded with its tests' own seeds", seed, failed)
+            seed = 0
         slices = slice_plans(ref, out["runs"][0], out["runs"][1], out["nonces"])
+        # first on run A's own records (they hold every value): a slice whose checks the grader cannot decide
+        # from the values alone (an abstract class in isinstance, objects compared by ==) needs no run to go
+        undecided = _check_slices(ref, slices, out["runs"][0], out["nonces"][0], out["runs"][0], out["runs"][1],
+                                  out["nonces"])
+        _say_whole(log, undecided)
+        slices = {g: c for g, c in slices.items() if g not in undecided}
         for _ in range(SLICE_RUNS):
             if not slices:
                 break
             nonce = secrets.token_hex(8)
-            nb, _ = instrumented(ref, tainted, nonce, modules=modules_of(ref), slices=slices)
+            nb, _ = instrumented(ref, tainted, nonce, modules=modules_of(ref), slices=slices, seed=out["seed"])
             done, ex = _run_reference(nb, assignment_dir, config, log, executor)
             out["audit"].append(ex.get("audit", []))
             bad = _check_slices(ref, slices, _records(done), nonce, out["runs"][0], out["runs"][1], out["nonces"])
             if not bad:
                 break
-            if log is not None:
-                for gid, why in sorted(bad.items()):
-                    log.warning("integrity: test cell %s cannot be sliced (%s): its checks run whole in the "
-                                "student's process", gid, why)
+            _say_whole(log, bad)
             slices = {g: c for g, c in slices.items() if g not in bad}
         else:
             slices = {}

@@ -34,7 +34,7 @@ import threading
 
 from grading_engine.protocol import EVIDENCE_MIME
 
-FULL = 4096  # arrays up to this many elements are sent whole
+FULL = 16384  # arrays up to this many elements are sent whole (a sliced check needs them whole to be decided)
 SAMPLE = 1024  # larger arrays: this many elements at fixed positions, plus statistics and a hash
 MAX_ITEMS = 64
 MAX_TEXT = 4000

@@ -71,7 +71,8 @@ class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
             if role(c) == "test" and gid in ref_src and c.source != ref_src[gid]:
                 self.log.warning("integrity: test cell %s differs from the gradebook's", gid)
         slices = {g: c for g, c in (refruns.get("slices") or {}).items() if g in present}
-        out, originals = instrumented(nb, taint_of(ref), nonce, probe=True, modules=modules_of(ref), slices=slices)
+        out, originals = instrumented(nb, taint_of(ref), nonce, probe=True, modules=modules_of(ref), slices=slices,
+                                      seed=refruns.get("seed") or 0)
         nb.cells = out.cells
         resources[RESOURCE_KEY] = {
             "nonce": nonce,
