@@ -13,7 +13,7 @@ in three configurations of the same nbgrader_config.py:
 * sandbox: the bubblewrap kernel, stock scoring (COURSE_INTEGRITY=off);
 * full: the sandbox and the evidence-based scoring (the course's default).
 
-The integrity checks compare each notebook with two reference runs, computed
+The integrity checks compare each notebook with three reference runs, computed
 once per notebook version and cached (~/.cache/course-integrity); the first
 student of a class pays for them. The script prints that first-student time
 (cache emptied first) and the steady-state time of every configuration, and

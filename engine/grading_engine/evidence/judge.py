@@ -19,6 +19,13 @@ student's code could have replaced. An untainted, stable leaf (a value the
 test computes from its own inputs) must equal the reference run's value;
 otherwise the test's own values were changed (a patched library function, a
 redefined name) and the cell fails with a flag.
+
+A *sliced* cell (:func:`_judge_sliced`; see
+:func:`grading_engine.evidence.reference.slice_plans`) has no verdict of the
+kernel at all: the kernel reported only the student's side of each check, the
+grader takes the test's own values from run A, checks that the inputs the test
+handed to the student's code are unchanged (the guards), redoes every check,
+and writes the failure message itself. Whatever it cannot decide fails.
 """
 
 from __future__ import annotations

@@ -5,14 +5,17 @@ cell exactly as the gradebook stores it (so the reference tests are the tests
 students are graded with, even if ``source/`` was edited since
 ``generate_assignment``).
 
-:func:`reference_runs` executes it twice in the grading kernel, in a private
-copy of the assignment folder: run A as is, run B with every random
-generator moved before each cell and after every call into the answer
-cells' code (an honest answer may draw random numbers in another order). Both runs' evidence and audit events are
-cached by a hash of everything they depend on (the notebook, the assignment's
-other files, this package's instrumentation, the library versions), in
-``GradingEngine.reference_cache`` (default ``~/.cache/course-integrity``), so each
-notebook is run once per change, not once per student.
+:func:`reference_runs` executes it in the grading kernel, in a private copy of
+the assignment folder: run A as is, run B with every random generator moved
+before each cell and after every call into the answer cells' code (an honest
+answer may draw random numbers in another order), then run C of its test cells
+sliced (:func:`slice_plans`: the student's side of each check only), which
+must earn every point of every sliced cell. The runs' evidence, audit events
+and the slices are cached by a hash of everything they depend on (the
+notebook, the assignment's other files, this package's instrumentation, the
+library versions, the grading seed), in ``GradingEngine.reference_cache``
+(default ``~/.cache/course-integrity``), so each notebook is run once per
+change, not once per student.
 """
 
 from __future__ import annotations
