@@ -85,10 +85,11 @@ def reference():
     return nb, runs, slices
 
 
-def grade(reference, records, nonce="ns"):
-    nb, runs, slices = reference
+def grade(fixture, records, nonce="ns", hidden=range(4, 16)):
+    """Judge ``records`` of the test cell of ``fixture`` (notebook, reference runs, slices) as the grader does."""
+    nb, runs, slices = fixture
     return judge_cell("t", assert_plans(plans_of(nb)), records, runs[0]["t"], runs[1]["t"], nonce, ("na", "nb"),
-                      {"t": set(range(4, 16))}, slices["t"])
+                      {"t": set(hidden)}, slices["t"])
 
 
 def test_the_expected_values_and_hidden_messages_never_reach_the_kernel(reference):
@@ -239,10 +240,8 @@ def after_the_call():
     return nb, ({"t": a}, {"t": b}), slice_plans(nb, {"t": a}, {"t": b}, ["na", "nb"])
 
 
-def grade_with(fixture, records, nonce="ns"):
-    nb, runs, slices = fixture
-    return judge_cell("t", assert_plans(plans_of(nb)), records, runs[0]["t"], runs[1]["t"], nonce, ("na", "nb"),
-                      {"t": set(range(1, 10))}, slices["t"])
+def grade_with(fixture, records):
+    return grade(fixture, records, hidden=range(1, 10))
 
 
 def test_a_value_computed_from_the_students_inputs_after_the_call_is_guarded(after_the_call):

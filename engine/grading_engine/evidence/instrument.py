@@ -136,7 +136,6 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset(),
     """
     tainted = set(tainted) - set(modules)
     by_args: set[str] = set()
-    by_flow: set[str] = set()
 
     def hot(node) -> bool:
         return bool(names_in(node) & tainted)
@@ -200,8 +199,7 @@ def propagate(tainted: set[str], tree: ast.AST, modules: set[str] = frozenset(),
                         tainted |= base_names(node.args[0])
         changed = len(tainted) != before
     if handed is not None:
-        by_flow = _flow_names(tainted, tree, modules, by_args)
-        handed |= by_args - by_flow
+        handed |= by_args - _flow_names(tainted, tree, modules, by_args)
     return tainted
 
 
@@ -548,11 +546,10 @@ def _droppable(st: ast.stmt) -> bool:
 
 def slice_statements(source: str, tainted: tuple[set[str], dict], modules: set[str], anchored: dict,
                      live_after: set[str] | None) -> list[int]:
-    # ``tainted``: the names that may hold the student's work when the cell starts, and the alias groups
     """Line numbers of the top-level statements of a test cell's hidden region that the kernel need not run:
     they compute only values the grader takes from the reference run (``anchored``: check id -> leaf
     paths), and no later statement or cell reads what they bind. A statement that touches the student's
-    values is always kept. (Whether leaving them out changes anything else, a random generator's state for
+    values (``tainted``: the cell's entry taint and alias groups, :func:`notebook_entry_taint`) is always kept. (Whether leaving them out changes anything else, a random generator's state for
     instance, is for a run of the reference's own slice to show.)"""
     tree = parse_cell(source)
     if tree is None or live_after is None:
@@ -676,11 +673,13 @@ def _fresh(value: ast.AST) -> bool:
     """An expression whose value is a new object, sharing nothing with the names it reads."""
     if isinstance(value, (ast.Constant, ast.JoinedStr, ast.BinOp, ast.UnaryOp, ast.Compare)):
         return True
-    if isinstance(value, ast.Call):
-        f = value.func
-        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
-        return name in FRESH_CALLS
-    return False
+    return isinstance(value, ast.Call) and _callee(value) in FRESH_CALLS
+
+
+def _callee(call: ast.Call) -> str | None:
+    """The last name of what a call calls: ``seed`` for ``np.random.seed(...)``, ``len`` for ``len(...)``."""
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
 
 
 def alias_groups(trees: list[ast.AST], modules: set[str]) -> dict[str, set[str]]:
@@ -782,7 +781,7 @@ def statement_taint(tree: ast.Module, entry: tuple[set[str], dict], modules: set
         handed = (handed | new_handed) & state
         student = state - handed
         # an alias of a handed or student name is the student's (it may see what their code changed)
-        student |= _close(student | handed, groups) - handed - {n for n in handed}
+        student |= _close(student | handed, groups) - handed
         student -= set(modules)
         handed -= student
         out.append((set(student), set(handed)))
@@ -835,10 +834,8 @@ def reseed(source: str, offset: int) -> str:
     spots = []
     for n in ast.walk(tree):
         if isinstance(n, ast.Call) and n.args and n.lineno in hidden:
-            f = n.func
-            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
             a = n.args[0]
-            if name in SEED_CALLS and isinstance(a, ast.Constant) and type(a.value) is int \
+            if _callee(n) in SEED_CALLS and isinstance(a, ast.Constant) and type(a.value) is int \
                     and a.lineno == a.end_lineno:
                 spots.append((a.lineno, a.col_offset, a.end_col_offset, (a.value + offset) % 2 ** 31))
     lines = source.splitlines(keepends=True)

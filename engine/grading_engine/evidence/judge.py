@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from grading_engine.evidence.instrument import GUARD
 from grading_engine.protocol import Flag, FlagKind, FlagSource, ValueTag
 
 FLOAT_RTOL = 1e-6
@@ -884,11 +885,18 @@ def _judge_cell(gid: str, plans: dict, student: list[dict], ref_a: list[dict], r
                                  "success but the values it reported fail the check (patched comparison or "
                                  "hidden failure)"))
             return v
+    return _unless_a_branch_is_forged(v, gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
+
+
+def _unless_a_branch_is_forged(v: CellVerdict, gid: str, plans: dict, student: list[dict], ref_a: list[dict],
+                               ref_b: list[dict] | None, nonce: str, ref_nonces: tuple) -> CellVerdict:
+    """The last step of judging a cell whose checks all held: it passes unless a branch it took is forged."""
     forged = judge_branches(gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
     if forged is not None:
         forged.checks, forged.recomputed = v.checks, v.recomputed
         return forged
     v.ok = True
+    v.why = ""
     return v
 
 
@@ -938,9 +946,6 @@ def render_message(template: list | None, values: dict) -> str:
         v = values.get(part["p"])
         out.append("<?>" if v is None else render(v, part.get("c", 115), part.get("f")))
     return "".join(out)
-
-
-GUARD = "g:"  # see grading_engine.evidence.instrument.GUARD
 
 
 def _unchanged(mine: dict | None, ref: dict | None) -> bool:
@@ -1028,13 +1033,7 @@ def _judge_sliced(gid: str, plans: dict, student: list[dict], ref_a: list[dict],
     if not s_done:
         v.why = "the test cell stopped before its end"
         return v
-    forged = judge_branches(gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
-    if forged is not None:
-        forged.checks, forged.recomputed = v.checks, v.recomputed
-        return forged
-    v.ok = True
-    v.why = ""
-    return v
+    return _unless_a_branch_is_forged(v, gid, plans, student, ref_a, ref_b, nonce, ref_nonces)
 
 
 def _clip(s: str, n: int = 60) -> str:
