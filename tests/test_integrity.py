@@ -526,3 +526,39 @@ def test_random_draws_after_a_call_into_the_answer_are_not_anchored():
     assert err is None
     assert judge(student, ref_a, plan, ref_b=ref_b).ok
     assert not judge(student, ref_a, plan, ref_b=ref_a).ok  # what happened before run B moved the generators
+
+
+def test_a_reference_another_process_is_building_is_left_to_it(tmp_path):
+    """A batch worker builds, before grading, the reference runs no other process holds (``wait=False``): a
+    notebook whose lock another worker holds is skipped at once, not waited for; with the lock free it is
+    built and cached, and asked again it comes from the cache."""
+    import fcntl
+    import time
+
+    from grading_engine.config import GradingEngine
+    from grading_engine.evidence.reference import cache_key, reference_runs
+    from grading_engine.preprocessors.execute import SandboxedExecute
+    from traitlets.config import Config
+
+    c = Config()
+    c.GradingEngine.reference_cache = str(tmp_path / "cache")
+    c.GradingEngine.sandbox = False
+    c.SandboxedExecute.kernel_name = "python3"
+    ref = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 2", metadata={"nbgrader": {"grade_id": "ans", "solution": True}}),
+        nbformat.v4.new_code_cell("assert x * 3 == 6", metadata={"nbgrader": {
+            "grade_id": "t", "grade": True, "locked": True, "points": 1}}),
+    ])
+    folder = tmp_path / "a"
+    folder.mkdir()
+    s = GradingEngine(config=c)
+    lock_path = s.reference_cache_dir() / f"{cache_key(ref, folder, s.sandbox, s.threads, s.input_seed)}.lock"
+    lock_path.parent.mkdir(parents=True)
+    with open(lock_path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        assert reference_runs(ref, folder, SandboxedExecute, c, wait=False) is None
+        assert time.monotonic() - t0 < 2
+    built = reference_runs(ref, folder, SandboxedExecute, c, wait=False)
+    assert built is not None and len(built["runs"]) == 2 and set(built["slices"]) == {"t"}
+    assert reference_runs(ref, folder, SandboxedExecute, c, wait=False) == built

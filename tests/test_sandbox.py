@@ -407,3 +407,29 @@ def test_a_batch_workers_warm_server_imports_every_notebooks_setup_modules(monke
     assert len(started) == 1
     assert {"course.thinker", "torch", "numpy", "course"} <= set(started[0]), started[0]
     assert len(started[0]) == len(set(started[0])), started[0]
+
+
+def test_a_warm_kernel_starts_with_what_torch_imports_on_first_use_and_without_a_history_database(tmp_path):
+    """torch imports its compiler (torch._dynamo, seconds) the first time an optimizer is built: a server that
+    preloads torch imports it too, so that no kernel pays for it; and no grading kernel keeps IPython's
+    history database (written on a thread after every cell)."""
+    from grading_engine.sandbox.selftest import SandboxKernel, check_settings, kernel_arguments
+    from grading_engine.sandbox.warm import preload_modules, stop_all, unavailable_here
+
+    assert preload_modules(["numpy", "torch.nn", "torch"]).index("torch._dynamo") == \
+        preload_modules(["numpy", "torch.nn", "torch"]).index("torch.nn") + 1
+    if unavailable_here(["course"]):
+        pytest.skip(f"no warm kernels with this installation: {unavailable_here(['course'])}")
+    settings = check_settings(warm=True)
+    settings.preload = ["torch"]
+    stop_all()
+    k = SandboxKernel(tmp_path, launcher_args=kernel_arguments(settings))
+    try:
+        out, err = k.run("import sys; print('torch._dynamo' in sys.modules, get_ipython().history_manager.enabled)")
+        assert (err, out.split()) == (None, ["True", "False"]), (out, err)
+        out, err = k.run("import torch\nopt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)\n"
+                         "print(type(opt).__name__)")
+        assert (err, out.strip()) == (None, "SGD"), (out, err)
+    finally:
+        k.close()
+        stop_all()

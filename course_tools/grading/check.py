@@ -164,15 +164,19 @@ def grade(assignments: list[str], workdir: Path, workers: int | None = None, qui
                 a, p.stem, sum(c.points for c in test_cells(nb)), tids, [c.grade_id for c in answer_cells(nb)]
             )
     ws.write_submissions(subs)
-    # the reference and the release first, in a batch of their own (warm sandboxed kernels, evidence-based
-    # scoring); then the stored wrong answers the same way, or, where warm sandboxed kernels cannot be had
-    # (an installation under /tmp), with the same scoring in plain warm kernels rather than a fresh sandbox each
+    # one batch (warm sandboxed kernels, evidence-based scoring): the reference and the release first, then
+    # the stored wrong answers; where warm sandboxed kernels cannot be had (an installation under /tmp), the
+    # wrong answers go in a second batch with the same scoring in plain warm kernels, rather than in a fresh
+    # sandbox each
     from grading_engine.sandbox.warm import unavailable_here
 
     own = [s for s in subs if s.student in (SOLUTION, RELEASE)]
-    scores = ws.batch(own, workers=workers, quiet=quiet)
-    scores += ws.batch([s for s in subs if s.student not in (SOLUTION, RELEASE)], workers=workers,
-                       quiet=quiet, trusted=bool(unavailable_here(["course"])))
+    wrong = [s for s in subs if s.student not in (SOLUTION, RELEASE)]
+    if unavailable_here(["course"]):
+        scores = ws.batch(own, workers=workers, quiet=quiet) + ws.batch(wrong, workers=workers, quiet=quiet,
+                                                                        trusted=True)
+    else:
+        scores = ws.batch(own + wrong, workers=workers, quiet=quiet)
     for s in scores:
         r = reports[(s.assignment, s.notebook)]
         if s.student == SOLUTION:

@@ -118,6 +118,9 @@ PACKAGE_DIRS_ENV = "COURSE_PACKAGE_DIRS"
 (``GradingEngine.sandbox_packages``, ``os.pathsep``-separated): the launcher sets it, sandboxed or not, and
 the kernel's audit counts reading them as normal (a warm kernel whose server did not import a package
 reads its files on the first import; a cold one reads them while preloading)."""
+GRADING_KERNEL_ARGS = ("--HistoryManager.enabled=False",)
+"""Arguments every kernel the grader starts gets (sandboxed or forked plain): no IPython history database,
+which a kernel writes on a thread after every cell (a graded notebook's history is the notebook)."""
 SANDBOX_HOME = "/home/student"
 """The kernel's ``$HOME`` inside the sandbox; the copy of the notebook's folder is a folder of it."""
 SANDBOX_RUN = "/run/kernel"

@@ -34,7 +34,6 @@ Design (see also :mod:`grading_engine.batch.worker` and :mod:`grading_engine.bat
 
 from __future__ import annotations
 
-import ast
 import fcntl
 import hashlib
 import json
@@ -182,31 +181,17 @@ def _atomic_write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- warm-up modules
 
 def setup_imports(notebooks: list[Path]) -> list[str]:
-    """Modules imported at the top level of the notebooks' setup cells (their first code cell)."""
+    """What the warm kernels' servers preload: the modules imported at the top level of the notebooks'
+    setup cells (their first code cell), and what those import on first use."""
+    from grading_engine.sandbox import warm
+
     mods: list[str] = []
     for path in notebooks:
         try:
-            nb = nbformat.read(str(path), as_version=4)
-        except Exception:  # noqa: BLE001
+            mods += warm.setup_imports(nbformat.read(str(path), as_version=4))
+        except Exception:  # noqa: BLE001 - a notebook that cannot be read preloads nothing
             continue
-        code = next((c for c in nb.cells if c.cell_type == "code" and c.source.strip()), None)
-        if code is None:
-            continue
-        src = "\n".join(ln for ln in code.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.Import):
-                mods += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                mods.append(node.module)
-    seen: list[str] = []
-    for m in ["IPython", "matplotlib_inline.backend_inline", *mods]:
-        if m not in seen:
-            seen.append(m)
-    return seen
+    return warm.preload_modules(mods)
 
 
 # --------------------------------------------------------------------------- results
@@ -237,7 +222,7 @@ def time_split(timings: list[dict]) -> dict[str, float]:
     keys = ["kernel_start", "imports", "execution", "shutdown"]
     tot = {k: 0.0 for k in keys}
     n_nb = 0
-    book = 0.0
+    book = refs = 0.0
     warm = 0
     for t in timings:
         nbs = t.get("notebooks", [])
@@ -249,10 +234,12 @@ def time_split(timings: list[dict]) -> dict[str, float]:
                 inside += d.get(k, 0.0)
             warm += int(d.get("warm", 0))
         book += t.get("prepare", 0) + t.get("autograde", 0) + t.get("export", 0) + t.get("merge", 0) - inside
+        refs += t.get("references", 0)
     if not n_nb:
         return {}
     out = {k: v / n_nb for k, v in tot.items()}
     out["bookkeeping"] = book / n_nb
+    out["references"] = refs / n_nb  # the reference runs built before grading (once per notebook of the class)
     out["notebooks"] = n_nb
     out["warm_fraction"] = warm / n_nb
     return out

@@ -82,12 +82,31 @@ def main() -> int:
     warm.also_preload(setup.get("preload"))  # the warm sandboxed kernels' server imports the same modules
     proto.write(json.dumps({"ready": True, "pid": os.getpid(), "zygote": kernels.zygote_state()}) + "\n")
     private = PrivateCourse(app, workdir, setup)
+    profile = _profiler()
     for job in _jobs(sys.stdin):
         result = grade_job(private, job)
         _reap_orphans()
         proto.write(json.dumps(result) + "\n")
+        if profile is not None:
+            profile.dump_stats(profile.path)  # this stops the profiler: go on profiling the next job
+            profile.enable()
     kernels.shutdown()
     return 0
+
+
+def _profiler():
+    """With ``BATCH_PROFILE=<folder>``, a cProfile of this worker's grading (the grader side, not the
+    kernels), saved as ``<folder>/worker-<pid>.prof`` after every job: where bookkeeping time goes."""
+    folder = os.environ.get("BATCH_PROFILE")
+    if not folder:
+        return None
+    import cProfile
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    profile = cProfile.Profile()
+    profile.path = str(Path(folder) / f"worker-{os.getpid()}.prof")
+    profile.enable()
+    return profile
 
 
 # --------------------------------------------------------------------------- process set-up
@@ -283,12 +302,14 @@ def grade_job(private: PrivateCourse, job: dict) -> dict:
         reset(private, a, s)
         prepare(private, job)
         t1 = time.perf_counter()
-        res = autograde(private.app, a, s)
+        build_references(private, a, s)
         t2 = time.perf_counter()
+        res = autograde(private.app, a, s)
+        t3 = time.perf_counter()
         rows = export(private, a, s, res)
         result.update(ok=bool(res.get("success")), error=_short_error(res), rows=rows,
-                      timings={"prepare": t1 - t0, "autograde": t2 - t1, "export": time.perf_counter() - t2,
-                               "notebooks": timing.split(timing.EVENTS)})
+                      timings={"prepare": t1 - t0, "references": t2 - t1, "autograde": t3 - t2,
+                               "export": time.perf_counter() - t3, "notebooks": timing.split(timing.EVENTS)})
         if not res.get("success") and timing.kernel_start_failed(timing.EVENTS):
             # no student code ran: not a verdict on the submission; the batch grades it again,
             # and the next kernel comes from a fresh fork server in case this one is to blame
@@ -323,6 +344,29 @@ def prepare(private: PrivateCourse, job: dict) -> None:
     shutil.copy2(private.setup["template_db"], private.db_path)
     seed_worker_gradebook(private.db_path, private.app.coursedir.course_id, private.definition(a),
                           rows_from_json(job.get("existing")))
+
+
+def build_references(private: PrivateCourse, assignment: str, student: str) -> None:
+    """The reference runs of the submission's notebooks that no other process is building, before grading.
+
+    nbgrader grades a submission's notebooks one after another, and each needs its notebook's reference
+    runs (cached for the class). Without this, the worker grading the second student would wait, notebook
+    after notebook, for the reference the first student's worker is building; here it builds those of the
+    other notebooks meanwhile (a notebook another process holds is left to it). A failure here is left to
+    the grading itself, which runs the reference again and reports it."""
+    from grading_engine.config import GradingEngine
+
+    app = private.app
+    if not GradingEngine(config=app.config).evidence:
+        return
+    from grading_engine.preprocessors.evidence import course_reference
+
+    for nb in sorted(private.folder("submitted_directory", student, assignment).glob("*.ipynb")):
+        try:
+            course_reference(app.config, app.log, app.coursedir.db_url, assignment, nb.stem, wait=False)
+        except Exception:  # noqa: BLE001
+            app.log.warning("integrity: building the reference of %s failed; grading runs it again:\n%s", nb.stem,
+                            traceback.format_exc(limit=3))
 
 
 def autograde(app, assignment: str, student: str) -> dict:

@@ -32,6 +32,7 @@ import sys
 import time
 
 from grading_engine.kernel.warm import exit_code, leave
+from grading_engine.protocol import GRADING_KERNEL_ARGS
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -87,7 +88,7 @@ def _become_kernel(req: dict, base_path: list[str]) -> None:
         sys.path[:] = list(base_path)
         import ipykernel_launcher  # noqa: F401  (what `python -m ipykernel_launcher` would run)
 
-        sys.argv = [ipykernel_launcher.__file__, *req["args"]]
+        sys.argv = [ipykernel_launcher.__file__, *req["args"], *GRADING_KERNEL_ARGS]
         from ipykernel import kernelapp
 
         kernelapp.launch_new_instance()

@@ -401,14 +401,17 @@ def _say_whole(log, bad: dict) -> None:
                         "process", gid, why)
 
 
-def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None) -> dict:
+def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None,
+                   wait: bool = True) -> dict | None:
     """Evidence of runs A and B of the reference notebook, and the slices of its test cells (cached).
 
     ``executor`` is the execute preprocessor class. Run A is the notebook as it is, run B with every
     random generator moved; from both, :func:`slice_plans` gives each test cell's slice, and run C, the
     reference with its test cells sliced, must earn every point of every sliced cell, judged as a
     student's run is. A cell whose slice does not is graded unsliced (its values all computed in the
-    student's process, as in runs A and B), and the log says so."""
+    student's process, as in runs A and B), and the log says so.
+
+    ``wait=False``: None at once if another process is running this notebook's reference (it holds the lock)."""
     from grading_engine.config import GradingEngine
 
     settings = GradingEngine(config=config)
@@ -418,7 +421,10 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
     path = cdir / f"{key}.json"
     lock = open(cdir / f"{key}.lock", "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
         if path.exists():
             try:
                 return json.loads(path.read_text())

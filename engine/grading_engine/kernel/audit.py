@@ -120,12 +120,16 @@ def _outside(path, listing: bool = False) -> str | None:
     return full
 
 
-def _cell_depth() -> tuple[int | None, str, bool]:
-    """(frames between the event and the nearest notebook cell, innermost place, raised by our code)."""
+def _cell_depth(limit: int | None = None) -> tuple[int | None, str, bool]:
+    """(frames between the event and the nearest notebook cell, innermost place, raised by our code).
+
+    ``limit``: the caller records the event only at a depth up to ``limit``, so the walk stops after that
+    many frames (the answer is then "no cell", depth None): ``compile`` and ``exec`` come by the thousand
+    from the libraries' own imports, each far below any cell."""
     f = _getframe(2)
     depth = 0
     where = ""
-    while f is not None:
+    while f is not None and (limit is None or depth <= limit):
         fn = f.f_code.co_filename
         if not where:
             where = f"{os.path.basename(fn)}:{f.f_lineno}"
@@ -167,7 +171,7 @@ def _hook(event: str, args: tuple) -> None:
             if not ours:
                 rec = {"e": event, "a": [_short(a) for a in args[:3]], "d": depth, "w": where}
         else:
-            depth, where, ours = _cell_depth()
+            depth, where, ours = _cell_depth(DIRECT[event])
             if not ours and depth is not None and depth <= DIRECT[event]:
                 if event in ("exec", "compile"):
                     shown = [_short(args[0])[:120]]

@@ -52,6 +52,9 @@ def run(audit_fd: int, preload: list[str] | None, watch: list[str], kernel_args:
         probe.capture()
     from ipykernel.kernelapp import IPKernelApp
 
+    from grading_engine.protocol import GRADING_KERNEL_ARGS
+
+    kernel_args = [*kernel_args, *GRADING_KERNEL_ARGS]
     sys.argv = [sys.argv[0], *kernel_args]
     app = IPKernelApp.instance()
     app.initialize(kernel_args)

@@ -43,6 +43,19 @@ from grading_engine.sandbox import SANDBOX_OPT_OUT_EVENT
 ERROR_NAME = "GradingCheckFailed"
 
 
+def course_reference(config, log, db_url: str, assignment: str, notebook: str, wait: bool = True):
+    """(the reference notebook, its reference runs) of one notebook of the course's source folder (with the
+    locked cells the gradebook holds); None if that notebook is missing, its runs None if ``wait`` is False
+    and another process is running them (:func:`~grading_engine.evidence.reference.reference_runs`)."""
+    cd = CourseDirectory(config=config)
+    src_dir = Path(cd.format_path(cd.source_directory, ".", assignment))
+    src_path = src_dir / f"{notebook}.ipynb"
+    if not src_path.exists():
+        return None
+    ref = reference_notebook(src_path, gradebook_notebook(db_url, assignment, notebook))
+    return ref, reference_runs(ref, src_dir, SandboxedExecute, config, log, wait=wait)
+
+
 class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
     """Replace each test cell (already restored by OverwriteCells) by its instrumented version.
 
@@ -51,17 +64,13 @@ class InstrumentTests(FollowsEvidence, NbGraderPreprocessor):
     def preprocess(self, nb: NotebookNode, resources: dict):
         info = resources["nbgrader"]
         assignment, notebook = info["assignment"], info["notebook"]
-        cd = CourseDirectory(config=self.config)
-        src_dir = Path(cd.format_path(cd.source_directory, ".", assignment))
-        src_path = src_dir / f"{notebook}.ipynb"
-        if not src_path.exists():
-            self.log.error("integrity: %s is missing: cannot run the reference, grading %s without evidence "
-                           "checks", src_path, notebook)
+        found = course_reference(self.config, self.log, info["db_url"], assignment, notebook)
+        if found is None:
+            self.log.error("integrity: the source of %s is missing: cannot run the reference, grading it without "
+                           "evidence checks", notebook)
             return nb, resources
-        gbnb = gradebook_notebook(info["db_url"], assignment, notebook)
-        ref = reference_notebook(src_path, gbnb)
+        ref, refruns = found
         plans = plans_of(ref)
-        refruns = reference_runs(ref, src_dir, SandboxedExecute, self.config, self.log)
         nonce = secrets.token_hex(8)
         present = {nbg(c).get("grade_id") for c in nb.cells if role(c) == "test"}
         # instrument with the reference's source of each test cell (OverwriteCells made them identical)

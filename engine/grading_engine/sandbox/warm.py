@@ -42,8 +42,20 @@ from grading_engine.sandbox.bwrap import (
 )
 
 START_TIMEOUT = 180.0  # seconds for the server's imports (torch) on a loaded machine
-ALWAYS_PRELOAD = ("IPython", "matplotlib_inline.backend_inline")
+# ipykernel imports its debugger (and debugpy) when a kernel starts
+ALWAYS_PRELOAD = ("IPython", "matplotlib_inline.backend_inline", "ipykernel.debugger")
+# what a preloaded package imports only on first use, at a cost every kernel would pay again: torch imports
+# its compiler (torch._dynamo, 1.5 to 4.5 s on this course's machine) the first time an optimizer is built
+ON_FIRST_USE = {"torch": ("torch._dynamo",)}
 _ALSO_PRELOAD: list[str] = []  # see also_preload
+
+
+def preload_modules(modules) -> list[str]:
+    """:data:`ALWAYS_PRELOAD`, ``modules`` and what those import on first use (:data:`ON_FIRST_USE`), once each."""
+    out: list[str] = []
+    for name in [*ALWAYS_PRELOAD, *modules]:
+        out += [name, *ON_FIRST_USE.get(name.split(".")[0], ())]
+    return list(dict.fromkeys(out))
 
 
 def also_preload(modules: list[str] | None) -> None:
@@ -210,10 +222,9 @@ def server_for(settings, nb=None, log=None) -> Path | None:
         if server is None:
             for other in list(_SERVERS):  # one server per process: one for other settings is stopped
                 _SERVERS.pop(other).stop()
-            preload = [*settings.preload, *ALWAYS_PRELOAD, *_ALSO_PRELOAD,
-                       *(setup_imports(nb) if nb is not None else [])]
+            preload = preload_modules([*settings.preload, *_ALSO_PRELOAD, *(setup_imports(nb) if nb is not None else [])])
             try:
-                server = _SERVERS[key] = start_server(key, list(dict.fromkeys(preload)))
+                server = _SERVERS[key] = start_server(key, preload)
             except (WarmUnavailable, OSError) as exc:
                 _FAILED[key] = str(exc)
                 msg = f"{exc}; every notebook gets a fresh sandbox instead (slower, as safe)"
