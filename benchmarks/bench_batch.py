@@ -280,13 +280,14 @@ def main(argv=None) -> int:
 
     # Work done once per notebook for the whole class (the evidence's reference runs, cached in
     # GradingEngine.reference_cache) must not count for the first configuration that needs it: one
-    # student graded untimed first, with the course's own configuration.
+    # student per worker graded untimed first, by the batch grader with as many workers (the cache key
+    # holds the kernels' threads, which the batch sets from the number of workers at once: a warm-up by
+    # plain `nbgrader autograde`, one notebook at a time with more threads, filled the cache for another key).
     if any(c.startswith("full") for c in args.configs):
         warm = base / "warmup"
         shutil.copytree(template, warm)
         t0 = time.perf_counter()
-        for a in assignments:
-            nbgrader(["autograde", a, "--student", next(iter(students)), "--force"], warm)
+        grade(assignments, warm, workers=workers, progress=False, students=list(students)[:workers])
         shutil.rmtree(warm, ignore_errors=True)
         print(f"warm-up (one student, untimed: the reference runs, cached for the whole class): "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
