@@ -539,3 +539,34 @@ def test_discover_and_the_merge_follow_the_course_layout(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["tiny.ipynb"]
     assert not list(dest.parent.glob(".*batch-*")), "no half-swapped folder is left"
     assert journal(tmp_path)["ann"]["status"] == "ok" and journal(tmp_path)["ann"]["fingerprint"] == "fp"
+
+
+def test_the_workers_metadata_validation_agrees_with_nbgraders(monkeypatch):
+    """A worker validates nbgrader's cell metadata with one validator per schema: same verdicts, same errors."""
+    import jsonschema
+    from grading_engine.batch import worker
+    from nbgrader.nbgraderformat import common
+    from nbgrader.nbgraderformat.v3 import MetadataValidatorV3
+
+    good = {"grade": True, "grade_id": "t1", "locked": True, "points": 2, "schema_version": 3, "solution": False}
+    cases = [good, {**good, "points": "two"}, {**good, "grade_id": 3}, {k: v for k, v in good.items() if k != "locked"},
+             {**good, "task": "yes"}, {**good, "solution": None}]
+
+    def verdicts():
+        out = []
+        for meta in cases:
+            try:
+                MetadataValidatorV3().validate_cell(nbformat.from_dict(
+                    {"cell_type": "code", "source": "", "metadata": {"nbgrader": dict(meta)}, "outputs": [],
+                     "execution_count": None}))
+                out.append("ok")
+            except jsonschema.ValidationError as exc:
+                out.append(exc.message)
+        return out
+
+    stock = verdicts()
+    monkeypatch.setattr(common, "jsonschema", common.jsonschema)
+    worker.validate_metadata_once_per_schema()
+    assert isinstance(common.jsonschema, worker._SchemaOnce)
+    assert verdicts() == stock and stock[0] == "ok" and all(v != "ok" for v in stock[1:])
+    assert len(common.jsonschema._validators) == 1  # one schema, checked once, for every cell of every validator

@@ -59,7 +59,7 @@ def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_
     code, plan = instrument_cell("t", src, tainted, nonce, {"torch"})
     records = []
     saved = probe._publish
-    probe._publish = lambda data, metadata=None: records.append(data[EVIDENCE_MIME])
+    probe._publish = lambda data, metadata=None: records.extend(data[EVIDENCE_MIME])
     probe.capture()
     ns = {"torch": torch, "pick": answer, "kind": kind}
     old = {}
@@ -74,6 +74,7 @@ def run_instrumented(answer, kind="b", nonce="n1", patch=None, seed=0, src=TEST_
     except AssertionError as exc:
         err = exc
     finally:
+        probe._flush()  # what the kernel's post_run_cell callback publishes after a cell that raised
         probe._publish = saved
         for name, fn in old.items():
             setattr(torch, name, fn)
@@ -379,7 +380,7 @@ def test_feedback_hides_hidden_tests_and_tracebacks():
         nbformat.v4.new_output("stream", name="stdout", text="g = torch.Generator().manual_seed(5)\n"),
         nbformat.v4.new_output("error", ename="AssertionError", evalue="rows differ",
                                traceback=["---", "assert torch.equal(pick(W, ids), W[ids]), \"rows differ\""]),
-        nbformat.v4.new_output("display_data", data={EVIDENCE_MIME: {"k": "a"}}),
+        nbformat.v4.new_output("display_data", data={EVIDENCE_MIME: [{"k": "a"}]}),
     ]
     nb = nbformat.v4.new_notebook(cells=[cell])
     out, _ = SanitizeFeedback().preprocess(nb, {})

@@ -132,6 +132,43 @@ def test_flag_kinds_have_their_sentences_and_survive_json():
     assert EVIDENCE_MIME.startswith("application/") and EVIDENCE_MIME.endswith("+json")
 
 
+def test_the_records_of_a_cell_reach_the_grader_in_order_in_few_outputs(monkeypatch):
+    """The probe's records, published in batches as display outputs, read back by the grader in order."""
+    from grading_engine.evidence.reference import evidence_of
+
+    outputs = []
+    monkeypatch.setattr(probe, "_publish", lambda data, metadata=None: outputs.append(
+        {"output_type": "display_data", "data": json.loads(json.dumps(data)), "metadata": metadata}))
+    probe.begin("n", "g")
+    for i in range(probe.FLUSH_RECORDS + 10):
+        probe._emit({"k": "b", "n": "n", "g": "g", "i": 0, "b": i % 2 == 0, "v": {"0": wire(i)}})
+    assert len(outputs) == 1  # one full batch so far; the rest waits for the cell's end
+    probe.done("n", "g")
+    assert len(outputs) == 2 and not probe._pending
+    recs = evidence_of({"outputs": outputs})
+    assert [r["k"] for r in recs] == ["begin"] + ["b"] * (probe.FLUSH_RECORDS + 10) + ["done"]
+    assert [py(decode(r["v"]["0"])) for r in recs[1:-1]] == list(range(probe.FLUSH_RECORDS + 10))
+
+
+def test_big_records_are_published_before_their_batch_grows_past_its_byte_budget(monkeypatch):
+    outputs = []
+    monkeypatch.setattr(probe, "_publish", lambda data, metadata=None: outputs.append(data[EVIDENCE_MIME]))
+    big = wire(torch.arange(16384, dtype=torch.float64))
+    for _ in range(12):
+        probe._emit({"k": "a", "n": "n", "g": "g", "i": 0, "v": {"0": big}})
+    probe._flush()
+    assert sum(len(o) for o in outputs) == 12 and len(outputs) > 1
+    assert all(len(json.dumps(o)) < 2 * probe.FLUSH_BYTES for o in outputs)
+
+
+@pytest.mark.parametrize("payload", [{"k": "a", "n": "n"}, "not json", 3, None, ["text", 4]])
+def test_evidence_data_that_is_not_a_list_of_records_holds_none(payload):
+    from grading_engine.protocol import evidence_records
+
+    assert evidence_records(payload) == []
+    assert evidence_records(json.dumps([{"k": "a"}, "x"])) == [{"k": "a"}]
+
+
 # ------------------------------------------------------------------ warm kernels: launcher <-> fork server
 
 def _request(**changes):

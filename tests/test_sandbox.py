@@ -433,3 +433,32 @@ def test_a_warm_kernel_starts_with_what_torch_imports_on_first_use_and_without_a
     finally:
         k.close()
         stop_all()
+
+
+def test_a_kernel_is_ready_once_iopub_carries_its_answer_and_a_dead_one_is_reported():
+    """The grader's start-up wait (no 0.2 s of IOPub silence): the first cell's output is not lost, and a
+    kernel that exits before it answers is an error, not a hang."""
+    import asyncio
+
+    from grading_engine.preprocessors.execute import wait_until_ready
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def first_output(extra: list[str]) -> str:
+        km = AsyncKernelManager(kernel_name="python3")
+        await km.start_kernel(extra_arguments=extra)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await wait_until_ready(kc, 30)
+            got = []
+            await kc.execute_interactive("print('first', flush=True)", timeout=30,
+                                         output_hook=lambda m: got.append(m["content"].get("text", "")))
+            return "".join(got)
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+    for _ in range(3):
+        assert asyncio.run(first_output([])) == "first\n"
+    with pytest.raises(RuntimeError, match="died"):
+        asyncio.run(first_output(["--IPKernelApp.exec_lines=import os; os._exit(3)"]))

@@ -7,7 +7,21 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum, StrEnum
 
 EVIDENCE_MIME = "application/vnd.course.evidence+json"
-"""MIME type of the display outputs that carry a test cell's observations from the kernel to the grader."""
+"""MIME type of the display outputs that carry a test cell's observations from the kernel to the grader.
+The data is a JSON list of records (objects; see :func:`evidence_records`)."""
+
+
+def evidence_records(payload) -> list[dict]:
+    """The records of one evidence output's data (:data:`EVIDENCE_MIME`): a list of objects, or its JSON text.
+    Anything else (what a notebook may publish under this type) holds no record."""
+    if isinstance(payload, str):
+        try:
+            payload = json.loads(payload)
+        except ValueError:
+            return []
+    if not isinstance(payload, list):
+        return []
+    return [r for r in payload if isinstance(r, dict)]
 
 SANDBOX_OPT_OUT_EVENT = "sandbox.off"
 """Audit event the launcher writes when it runs the kernel without bubblewrap."""

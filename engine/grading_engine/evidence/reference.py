@@ -51,7 +51,7 @@ from grading_engine.evidence.instrument import (
     slice_statements,
     student_names,
 )
-from grading_engine.protocol import EVIDENCE_MIME
+from grading_engine.protocol import EVIDENCE_MIME, evidence_records
 
 CACHE_VERSION = "3"
 
@@ -197,14 +197,7 @@ def evidence_of(cell) -> list[dict]:
     for o in cell.get("outputs", []):
         data = o.get("data") or {}
         if o.get("output_type") in ("display_data", "update_display_data", "execute_result") and EVIDENCE_MIME in data:
-            payload = data[EVIDENCE_MIME]
-            if isinstance(payload, str):
-                try:
-                    payload = json.loads(payload)
-                except ValueError:
-                    continue
-            if isinstance(payload, dict):
-                recs.append(payload)
+            recs.extend(evidence_records(data[EVIDENCE_MIME]))
     return recs
 
 

@@ -14,6 +14,7 @@ Each finding is ``{"kind", "detail", "where"}``; kinds: ``ipython_hook``,
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 from grading_engine.evidence.instrument import dotted, parse_cell
@@ -230,16 +231,18 @@ class _Scanner(ast.NodeVisitor):
 
 
 def imported_names(sources: list[str]) -> set[str]:
-    out: set[str] = set()
-    for s in sources:
-        tree = parse_cell(s)
-        if tree is None:
-            continue
-        for n in ast.walk(tree):
-            if isinstance(n, (ast.Import, ast.ImportFrom)):
-                for a in n.names:
-                    out.add((a.asname or a.name).split(".")[0])
-    return out
+    """The names the import statements of these cells bind (first component)."""
+    return set().union(*map(_imports_in, sources))
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports_in(source: str) -> frozenset[str]:
+    # cached: a class's notebooks share most of their cells, and a grading process sees them all
+    tree = parse_cell(source)
+    if tree is None:
+        return frozenset()
+    return frozenset((a.asname or a.name).split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names)
 
 
 def scan_code(source: str, where: str, module_names: set[str] | None = None) -> list[dict]:

@@ -2,11 +2,16 @@
 
 Instrumented test cells (see :mod:`grading_engine.evidence.instrument`) call
 :func:`begin`, :func:`check` for each ``assert`` and :func:`done`. Each call
-publishes a display output of MIME type
-``application/vnd.course.evidence+json`` holding what the assert observed:
-a summary of every operand (type, shape, dtype, values or a sample of them,
-a hash of the exact bytes) and the kernel's own outcome. The grader decides
-from these, in its own process; nothing here decides a grade.
+makes one record of what the assert observed: a summary of every operand
+(type, shape, dtype, values or a sample of them, a hash of the exact bytes)
+and the kernel's own outcome. The records of a cell travel together, as the
+list of a display output of MIME type ``application/vnd.course.evidence+json``
+(:data:`grading_engine.protocol.EVIDENCE_MIME`), published at the cell's
+:func:`done`, when IPython has run the cell (one that raised before its
+``done``), and every :data:`FLUSH_RECORDS` records or :data:`FLUSH_BYTES`
+bytes. A loop that checks as it goes makes thousands of records: one message
+each cost the kernel and the grader more than the checks themselves. The
+grader decides from these, in its own process; nothing here decides a grade.
 
 :func:`final` (a cell the grader appends to the notebook) reports what
 changed in the interpreter since the kernel started: IPython input and AST
@@ -38,12 +43,16 @@ FULL = 16384  # arrays up to this many elements are sent whole (a sliced check n
 SAMPLE = 1024  # larger arrays: this many elements at fixed positions, plus statistics and a hash
 MAX_ITEMS = 64
 MAX_TEXT = 4000
+FLUSH_RECORDS = 256  # records per display output at most
+FLUSH_BYTES = 1 << 20  # and about this many bytes of JSON
 
 _orig: dict = {}
 _snap: dict = {}
 _final_state: dict = {}
 _shell = None
 _publish = None
+_pending: list[dict] = []  # records not published yet
+_pending_bytes = [0]
 _b64 = base64.b64encode
 _sha = hashlib.sha256
 _dumps = json.dumps
@@ -127,8 +136,13 @@ def attach(shell) -> None:
             _final_state.update(_state(shell))
         audit.emit("cell", getattr(shell, "execution_count", None))
 
+    def post_run_cell(result=None):
+        _flush()  # the records of a cell that raised before its done()
+
     _snap["marker"] = pre_run_cell
+    _snap["flusher"] = post_run_cell
     shell.events.register("pre_run_cell", pre_run_cell)
+    shell.events.register("post_run_cell", post_run_cell)
 
 
 def _qual(obj) -> str:
@@ -246,8 +260,9 @@ def state_report() -> list[dict]:
         if v is not None and sys.modules.get(k) is not v:
             out.append({"k": "patched_function", "d": f"sys.modules[{k!r}] replaced"})
     cbs = getattr(_shell.events, "callbacks", {})
-    if _snap["marker"] not in cbs.get("pre_run_cell", []):
-        out.append({"k": "ipython_hook", "d": "the grader's pre_run_cell callback was removed"})
+    for ev, own in (("pre_run_cell", _snap["marker"]), ("post_run_cell", _snap.get("flusher"))):
+        if own is not None and own not in cbs.get(ev, []):
+            out.append({"k": "ipython_hook", "d": f"the grader's {ev} callback was removed"})
     for ev, lst in cbs.items():
         new = [c for c in lst if c not in _snap["callbacks"].get(ev, []) and _from_notebook(c)]
         if new:
@@ -447,10 +462,26 @@ def _array(a, dtype: str, lib: str, cls) -> dict:
 
 
 def _emit(payload: dict) -> None:
+    _pending.append(payload)
+    try:
+        _pending_bytes[0] += len(_dumps(payload, default=str))
+    except Exception:
+        _pending_bytes[0] = FLUSH_BYTES
+    if payload.get("k") in ("done", "final") or len(_pending) >= FLUSH_RECORDS or _pending_bytes[0] >= FLUSH_BYTES:
+        _flush()
+
+
+def _flush() -> None:
+    """Publish the records made since the last flush, as one display output."""
+    if not _pending:
+        return
+    batch = list(_pending)
+    _pending.clear()
+    _pending_bytes[0] = 0
     pub = _publish
     if pub is None:
         from IPython.display import publish_display_data as pub
-    pub({EVIDENCE_MIME: payload}, metadata={EVIDENCE_MIME: {"course": "evidence"}})
+    pub({EVIDENCE_MIME: batch}, metadata={EVIDENCE_MIME: {"course": "evidence"}})
 
 
 class _Eval:
@@ -655,4 +686,4 @@ def wrap_student(namespace: dict, names: list, seed: int) -> None:
 
 # the probe's own functions as this module defined them (see _tampered)
 _OWN = {k: globals()[k] for k in ("begin", "check", "report", "branch", "done", "final", "summarize", "_emit",
-                                   "_leaves", "_Eval", "_mark", "_tampered")}
+                                   "_flush", "_leaves", "_Eval", "_mark", "_tampered")}

@@ -23,7 +23,10 @@ the ordinary kernel. On top of nbgrader's Execute it
 * caps each cell's output and the notebook's output, so a flood of output
   cannot exhaust the grader's memory; outputs of the MIME types in
   ``GradingEngine.output_caps`` have caps of their own;
-* collects the kernel's audit events and attributes them to cells.
+* collects the kernel's audit events and attributes them to cells;
+* takes the kernel as ready once it has answered ``kernel_info`` and IOPub has carried the idle
+  status of that request (:func:`wait_until_ready`), rather than after jupyter_client's 0.2 s of
+  IOPub silence.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+from queue import Empty
 
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
-from nbclient.util import run_sync
+from nbclient.util import ensure_async, run_hook, run_sync
 from nbformat import NotebookNode
 from nbgrader.preprocessors import Execute
 from traitlets import Integer, Unicode
@@ -61,6 +66,46 @@ def ensure_kernelspec(packages: list[str], bwrap: str | None = None) -> None:
         KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     except NoSuchKernel:
         install(packages=packages, bwrap=None if bwrap in (None, "", "bundled") else bwrap)
+
+
+async def wait_until_ready(kc, timeout: float) -> None:
+    """Return once the kernel answered ``kernel_info`` and IOPub carried the idle status of that request.
+
+    jupyter_client's ``wait_for_ready`` does the same, then waits for 0.2 s in which IOPub carries
+    nothing. That flush is not needed here: nbclient keeps only the IOPub messages whose parent is the
+    cell it runs, and the idle status already proves that IOPub is connected (a late subscription, which
+    would lose a first cell's output, misses the status and the request is sent again).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        msg_id = kc.kernel_info()
+        reply = await _next(kc.shell_channel, 1.0,
+                            lambda m: m["msg_type"] == "kernel_info_reply" and _parent(m) == msg_id)
+        if reply is not None and await _next(kc.iopub_channel, 0.2, lambda m: _parent(m) == msg_id and
+                                             m["msg_type"] == "status" and m["content"].get("execution_state") == "idle"):
+            kc._handle_kernel_info_reply(reply)
+            return
+        if not await ensure_async(kc.is_alive()):
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
+
+
+def _parent(msg: dict) -> str | None:
+    return (msg.get("parent_header") or {}).get("msg_id")
+
+
+async def _next(channel, timeout: float, wanted):
+    """The first message of ``channel`` that is ``wanted`` within ``timeout`` seconds (others are dropped)."""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        try:
+            msg = await ensure_async(channel.get_msg(timeout=left))
+        except Empty:
+            return None
+        if wanted(msg):
+            return msg
+    return None
 
 
 def require_sandbox(log=None, settings: GradingEngine | None = None, fatal: bool = False) -> None:
@@ -159,6 +204,25 @@ class SandboxedExecute(Execute):
             self.extra_arguments = configured
 
     start_new_kernel = run_sync(async_start_new_kernel)
+
+    async def async_start_new_kernel_client(self):
+        """nbclient's, with :func:`wait_until_ready` for jupyter_client's ``wait_for_ready``."""
+        if self._stock:
+            return await super().async_start_new_kernel_client()
+        try:
+            self.kc = self.km.client()
+            await ensure_async(self.kc.start_channels())
+            await wait_until_ready(self.kc, self.startup_timeout)
+        except Exception as e:
+            self.log.error("Error occurred while starting new kernel client for kernel %s: %s",
+                           getattr(self.km, "kernel_id", None), e)
+            await self._async_cleanup_kernel()
+            raise
+        self.kc.allow_stdin = False
+        await run_hook(self.on_notebook_start, notebook=self.nb)
+        return self.kc
+
+    start_new_kernel_client = run_sync(async_start_new_kernel_client)
 
     def create_kernel_manager(self):
         if not self.kernel_name:
