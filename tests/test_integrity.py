@@ -563,3 +563,24 @@ def test_a_reference_another_process_is_building_is_left_to_it(tmp_path):
     built = reference_runs(ref, folder, SandboxedExecute, c, wait=False)
     assert built is not None and len(built["runs"]) == 2 and set(built["slices"]) == {"t"}
     assert reference_runs(ref, folder, SandboxedExecute, c, wait=False) == built
+
+
+def test_the_gradebook_definition_is_read_again_once_the_gradebook_changes(tmp_path):
+    """The notebook definition autograde's steps share is read once per state of the gradebook's file."""
+    from grading_engine.evidence.reference import gradebook_notebook
+    from nbgrader.api import Gradebook
+
+    url = f"sqlite:///{tmp_path / 'gradebook.db'}"
+    with Gradebook(url) as gb:
+        gb.add_assignment("a1")
+        gb.add_notebook("nb", "a1")
+        gb.update_or_create_source_cell("t1", "nb", "a1", cell_type="code", locked=True, source="assert 1",
+                                        checksum="x")
+    first = gradebook_notebook(url, "a1", "nb")
+    assert first.source["t1"]["source"] == "assert 1"
+    first.source["t1"]["source"] = "changed by a caller"
+    assert gradebook_notebook(url, "a1", "nb").source["t1"]["source"] == "assert 1"
+    with Gradebook(url) as gb:
+        gb.update_or_create_source_cell("t1", "nb", "a1", cell_type="code", locked=True, source="assert 2",
+                                        checksum="y")
+    assert gradebook_notebook(url, "a1", "nb").source["t1"]["source"] == "assert 2"

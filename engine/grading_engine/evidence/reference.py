@@ -92,6 +92,39 @@ class GradebookNotebook:
 
 
 def gradebook_notebook(db_url: str, assignment: str, notebook: str) -> GradebookNotebook:
+    """The notebook's definition in the gradebook (its cells' sources, points, kinds).
+
+    Read once per state of a SQLite gradebook's file (autograde's steps each ask for it)."""
+    state = _sqlite_state(db_url)
+    if state is None:
+        return _read_gradebook_notebook(db_url, assignment, notebook)
+    return copy.deepcopy(_gradebook_notebook_at(db_url, assignment, notebook, state))
+
+
+def _sqlite_state(db_url: str) -> tuple | None:
+    """(inode, size, mtime) of the files of a ``sqlite:///`` gradebook (its write-ahead log too, if any); None
+    for any other database."""
+    if not db_url.startswith("sqlite:///") or db_url == "sqlite:///:memory:":
+        return None
+    path = db_url[len("sqlite:///"):]
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        wal = os.stat(path + "-wal")
+        wal_state = (wal.st_ino, wal.st_size, wal.st_mtime_ns)
+    except OSError:
+        wal_state = None
+    return st.st_ino, st.st_size, st.st_mtime_ns, wal_state
+
+
+@functools.lru_cache(maxsize=32)
+def _gradebook_notebook_at(db_url: str, assignment: str, notebook: str, state: tuple) -> GradebookNotebook:
+    return _read_gradebook_notebook(db_url, assignment, notebook)
+
+
+def _read_gradebook_notebook(db_url: str, assignment: str, notebook: str) -> GradebookNotebook:
     from nbgrader.api import Gradebook
 
     with Gradebook(db_url) as gb:
@@ -208,6 +241,7 @@ def cache_dir(config=None) -> Path:
     return GradingEngine(config=config).reference_cache_dir()
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> str:
     parts = [sys.version]
     for mod in ("torch", "numpy", "transformers", "ipykernel", "IPython"):

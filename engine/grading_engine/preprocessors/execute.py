@@ -79,10 +79,8 @@ async def wait_until_ready(kc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         msg_id = kc.kernel_info()
-        reply = await _next(kc.shell_channel, 1.0,
-                            lambda m: m["msg_type"] == "kernel_info_reply" and _parent(m) == msg_id)
-        if reply is not None and await _next(kc.iopub_channel, 0.2, lambda m: _parent(m) == msg_id and
-                                             m["msg_type"] == "status" and m["content"].get("execution_state") == "idle"):
+        reply = await _answer(kc.shell_channel, msg_id, "kernel_info_reply", 1.0)
+        if reply is not None and await _answer(kc.iopub_channel, msg_id, "status", 0.2, state="idle"):
             kc._handle_kernel_info_reply(reply)
             return
         if not await ensure_async(kc.is_alive()):
@@ -91,19 +89,17 @@ async def wait_until_ready(kc, timeout: float) -> None:
             raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
 
 
-def _parent(msg: dict) -> str | None:
-    return (msg.get("parent_header") or {}).get("msg_id")
-
-
-async def _next(channel, timeout: float, wanted):
-    """The first message of ``channel`` that is ``wanted`` within ``timeout`` seconds (others are dropped)."""
+async def _answer(channel, msg_id: str, msg_type: str, timeout: float, state: str | None = None):
+    """The first message of ``channel`` of type ``msg_type`` (and execution ``state``) answering ``msg_id``
+    within ``timeout`` seconds; the others are dropped."""
     end = time.monotonic() + timeout
     while (left := end - time.monotonic()) > 0:
         try:
             msg = await ensure_async(channel.get_msg(timeout=left))
         except Empty:
             return None
-        if wanted(msg):
+        if msg["msg_type"] == msg_type and (msg.get("parent_header") or {}).get("msg_id") == msg_id and \
+                (state is None or msg["content"].get("execution_state") == state):
             return msg
     return None
 
