@@ -584,3 +584,29 @@ def test_the_gradebook_definition_is_read_again_once_the_gradebook_changes(tmp_p
         gb.update_or_create_source_cell("t1", "nb", "a1", cell_type="code", locked=True, source="assert 2",
                                         checksum="y")
     assert gradebook_notebook(url, "a1", "nb").source["t1"]["source"] == "assert 2"
+
+
+PROBE_IN_A_SHELL = """
+import json
+from IPython.core.interactiveshell import InteractiveShell
+from grading_engine.kernel import probe
+shell = InteractiveShell.instance()
+probe.attach(shell)
+out = []
+probe._publish = lambda data, metadata=None: out.append(data[probe.EVIDENCE_MIME])
+shell.run_cell("import grading_engine.kernel.probe as p\\np.begin('n', 'g')\\n"
+               "p._emit({'k': 'a', 'n': 'n', 'g': 'g', 'i': 0, 'v': {}})\\nraise ValueError('before done')")
+after_raise = [[r["k"] for r in batch] for batch in out]
+shell.run_cell("ip = get_ipython()\\nfor cb in list(ip.events.callbacks['post_run_cell']):\\n"
+               "    ip.events.unregister('post_run_cell', cb)")
+print(json.dumps({"after_raise": after_raise, "report": [f["d"] for f in probe.state_report()]}))
+"""
+
+
+def test_the_records_of_a_cell_that_raised_are_published_and_removing_that_is_reported():
+    """The records of a test cell wait for its end: a cell that raised before its ``done`` still publishes
+    them (IPython's post_run_cell), and a notebook that takes that callback away is reported."""
+    out = subprocess.run([sys.executable, "-c", PROBE_IN_A_SHELL], capture_output=True, text=True, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["after_raise"] == [["begin", "a"]]
+    assert "the grader's post_run_cell callback was removed" in got["report"]
