@@ -214,3 +214,35 @@ def test_warm_replies_survive_the_wire():
                 b"[]"):
         with pytest.raises(ValueError):
             WarmReply.from_bytes(bad)
+
+
+def test_a_preload_entry_imports_a_module_or_reads_a_name_as_from_import_does(tmp_path, monkeypatch):
+    """``module:name`` does what ``from module import name`` does: it reads the name (a lazy package loads
+    the submodule behind it then, as transformers does for its classes) or imports the submodule."""
+    import sys
+
+    from grading_engine.protocol import import_preload
+
+    pkg = tmp_path / "lazypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import importlib\n"
+        "def __getattr__(name):\n"
+        "    if name == 'Heavy':\n"
+        "        return importlib.import_module('lazypkg.heavy').Heavy\n"
+        "    raise AttributeError(name)\n")
+    (pkg / "heavy.py").write_text("class Heavy: pass\n")
+    (pkg / "sub.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for m in ("lazypkg", "lazypkg.heavy", "lazypkg.sub"):
+        monkeypatch.delitem(sys.modules, m, raising=False)
+    import_preload("lazypkg")
+    assert "lazypkg" in sys.modules and "lazypkg.heavy" not in sys.modules
+    import_preload("lazypkg:Heavy")
+    assert "lazypkg.heavy" in sys.modules
+    import_preload("lazypkg:sub")
+    assert sys.modules["lazypkg.sub"].X == 1
+    with pytest.raises(ImportError):
+        import_preload("lazypkg:nothing_of_that_name")
+    with pytest.raises(ImportError):
+        import_preload("no_such_module_here")

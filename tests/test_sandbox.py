@@ -409,9 +409,30 @@ def test_a_batch_workers_warm_server_imports_every_notebooks_setup_modules(monke
     assert len(started[0]) == len(set(started[0])), started[0]
 
 
+def test_the_batch_preloads_what_every_cell_of_the_instructors_notebooks_imports():
+    """A submission's setup cell names what its first server preloads; the instructor's notebooks name, for
+    the batch, the imports of every cell, and ``from module import name`` as ``module:name`` too."""
+    import nbformat
+    from grading_engine.sandbox.warm import preload_modules, setup_imports
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("import not_code"),
+        nbformat.v4.new_code_cell("%matplotlib inline\nimport numpy as np\nfrom transformers import PreTrainedModel"),
+        nbformat.v4.new_code_cell("from torch.nn import init, functional as F\nfrom . import local\n"
+                                  "from os.path import *\ndef f():\n    import hidden_inside"),
+        nbformat.v4.new_code_cell("this is not python"),
+    ])
+    assert setup_imports(nb) == ["numpy", "transformers", "transformers:PreTrainedModel"]
+    assert setup_imports(nb, every_cell=True) == ["numpy", "transformers", "transformers:PreTrainedModel",
+                                                  "torch.nn", "torch.nn:init", "torch.nn:functional", "os.path"]
+    # what torch imports on first use follows an entry that names torch, in either form
+    assert preload_modules(["torch.nn:init"])[-2:] == ["torch.nn:init", "torch._dynamo"]
+
+
 def test_a_warm_kernel_starts_with_what_torch_imports_on_first_use_and_without_a_history_database(tmp_path):
     """torch imports its compiler (torch._dynamo, seconds) the first time an optimizer is built: a server that
-    preloads torch imports it too, so that no kernel pays for it; and no grading kernel keeps IPython's
+    preloads torch imports it too, so that no kernel pays for it; a ``module:name`` preload has loaded what
+    reading that name loads (transformers' modeling code); and no grading kernel keeps IPython's
     history database (written on a thread after every cell)."""
     from grading_engine.sandbox.selftest import SandboxKernel, check_settings, kernel_arguments
     from grading_engine.sandbox.warm import preload_modules, stop_all, unavailable_here
@@ -421,12 +442,13 @@ def test_a_warm_kernel_starts_with_what_torch_imports_on_first_use_and_without_a
     if unavailable_here(["course"]):
         pytest.skip(f"no warm kernels with this installation: {unavailable_here(['course'])}")
     settings = check_settings(warm=True)
-    settings.preload = ["torch"]
+    settings.preload = ["torch", "transformers:PreTrainedModel"]
     stop_all()
     k = SandboxKernel(tmp_path, launcher_args=kernel_arguments(settings))
     try:
-        out, err = k.run("import sys; print('torch._dynamo' in sys.modules, get_ipython().history_manager.enabled)")
-        assert (err, out.split()) == (None, ["True", "False"]), (out, err)
+        out, err = k.run("import sys; print('torch._dynamo' in sys.modules, get_ipython().history_manager.enabled, "
+                         "'transformers.modeling_utils' in sys.modules)")
+        assert (err, out.split()) == (None, ["True", "False", "True"]), (out, err)
         out, err = k.run("import torch\nopt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)\n"
                          "print(type(opt).__name__)")
         assert (err, out.strip()) == (None, "SGD"), (out, err)

@@ -181,14 +181,14 @@ def _atomic_write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- warm-up modules
 
 def setup_imports(notebooks: list[Path]) -> list[str]:
-    """What the warm kernels' servers preload: the modules imported at the top level of the notebooks'
-    setup cells (their first code cell), and what those import on first use."""
+    """What the warm kernels' servers preload: what the instructor's notebooks import at the top level of
+    their code cells (:func:`grading_engine.sandbox.warm.setup_imports`), and what that imports on first use."""
     from grading_engine.sandbox import warm
 
     mods: list[str] = []
     for path in notebooks:
         try:
-            mods += warm.setup_imports(nbformat.read(str(path), as_version=4))
+            mods += warm.setup_imports(nbformat.read(str(path), as_version=4), every_cell=True)
         except Exception:  # noqa: BLE001 - a notebook that cannot be read preloads nothing
             continue
     return warm.preload_modules(mods)

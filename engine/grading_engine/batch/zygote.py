@@ -32,7 +32,7 @@ import sys
 import time
 
 from grading_engine.kernel.warm import exit_code, leave
-from grading_engine.protocol import GRADING_KERNEL_ARGS
+from grading_engine.protocol import GRADING_KERNEL_ARGS, import_preload
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -130,7 +130,7 @@ def serve(sock_path: str, preload: list[str]) -> None:
     loaded, failed = [], []
     for name in preload:
         try:
-            importlib.import_module(name)
+            import_preload(name)
             loaded.append(name)
         except BaseException:  # noqa: BLE001 - a module that will not import is imported by the kernel instead
             failed.append(name)

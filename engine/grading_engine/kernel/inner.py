@@ -44,9 +44,11 @@ def run(audit_fd: int, preload: list[str] | None, watch: list[str], kernel_args:
     if preload is None:
         probe.preload()
     else:
+        from grading_engine.protocol import import_preload
+
         for name in preload:
             try:
-                __import__(name)
+                import_preload(name)
             except Exception:  # noqa: BLE001 - a module that is not installed is skipped, as probe.preload does
                 pass
         probe.capture()

@@ -2,7 +2,7 @@
 
 Started by :class:`grading_engine.sandbox.warm.WarmServer` inside one bubblewrap sandbox per grading
 process, as ``python -P -m grading_engine.kernel.warm --socket PATH --preload MODULES``. It imports
-ipykernel and the modules of the notebooks' setup cells (torch, numpy, matplotlib, the course's
+ipykernel and the modules the notebooks import (torch, numpy, matplotlib, transformers, the course's
 package) once, writes one "ready" line and then serves kernels: for each request of a kernel's
 launcher (:class:`grading_engine.protocol.WarmRequest`, with the kernel's stdout, stderr and audit
 pipe) it forks a *supervisor*, which
@@ -34,7 +34,6 @@ import argparse
 import ctypes
 import fcntl
 import gc
-import importlib
 import json
 import os
 import select
@@ -51,6 +50,7 @@ from grading_engine.protocol import (
     WarmEvent,
     WarmReply,
     WarmRequest,
+    import_preload,
 )
 
 CLONE_NEWNS = 0x00020000
@@ -112,22 +112,23 @@ def serve(sock_path: str, preload: list[str]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     # what ipykernel sets before matplotlib is imported, so importing it here changes nothing
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    import threading
+
     loaded, failed = [], []
     for name in ["ipykernel.kernelapp", "ipykernel.ipkernel", "grading_engine.kernel.inner",
                  "grading_engine.kernel.probe", "grading_engine.kernel.audit", "grading_engine.kernel.privileges",
                  *preload]:
         try:
-            importlib.import_module(name)
+            import_preload(name)
             loaded.append(name)
         except BaseException:  # noqa: BLE001 - what will not import here, the kernel imports (or not) itself
             failed.append(name)
+        if threading.active_count() != 1:
+            _ready(False, error=f"{threading.active_count()} Python threads after importing {name}: a "
+                                "server with threads cannot fork safely")
+            return
     gc.collect()
     gc.freeze()  # keep the shared pages shared after fork
-    import threading
-
-    if threading.active_count() != 1:
-        _ready(False, error=f"{threading.active_count()} Python threads after the imports; cannot fork safely")
-        return
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srv.bind(sock_path)
     os.chmod(sock_path, 0o600)

@@ -54,7 +54,7 @@ def preload_modules(modules) -> list[str]:
     """:data:`ALWAYS_PRELOAD`, ``modules`` and what those import on first use (:data:`ON_FIRST_USE`), once each."""
     out: list[str] = []
     for name in [*ALWAYS_PRELOAD, *modules]:
-        out += [name, *ON_FIRST_USE.get(name.split(".")[0], ())]
+        out += [name, *ON_FIRST_USE.get(name.partition(":")[0].split(".")[0], ())]
     return list(dict.fromkeys(out))
 
 
@@ -68,22 +68,26 @@ class WarmUnavailable(RuntimeError):
     """The fork server could not start; kernels get a fresh sandbox each."""
 
 
-def setup_imports(nb) -> list[str]:
-    """Modules imported at the top level of a notebook's setup cell (its first code cell)."""
-    code = next((c for c in nb.cells if c.cell_type == "code" and c.source.strip()), None)
-    if code is None:
-        return []
-    src = "\n".join(ln for ln in code.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
-    try:
-        tree = ast.parse(src)
-    except SyntaxError:
-        return []
+def setup_imports(nb, every_cell: bool = False) -> list[str]:
+    """What a notebook imports at the top level of its setup cell (its first code cell), or of every code
+    cell with ``every_cell`` (an instructor's notebook: the batch reads the source notebooks), as preload
+    entries (:func:`grading_engine.protocol.import_preload`): ``module`` for ``import module``, and also
+    ``module:name`` for ``from module import name``, so that what a package loads only when a name is first
+    read is loaded once, in the server."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
     mods: list[str] = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            mods += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            mods.append(node.module)
+    for code in cells if every_cell else cells[:1]:
+        src = "\n".join(ln for ln in code.source.splitlines() if not ln.lstrip().startswith(("%", "!")))
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                mods += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                mods.append(node.module)
+                mods += [f"{node.module}:{a.name}" for a in node.names if a.name != "*"]
     return list(dict.fromkeys(mods))
 
 
