@@ -134,7 +134,8 @@ class GradingEngine(Configurable):
         Unicode(), default_value=["numpy", "torch"],
         help="Modules the grading kernel imports before any student code, so that the evidence probe keeps "
              "their original functions (student code cannot patch them first); modules not installed are "
-             "skipped.",
+             "skipped. An entry 'module:name' does what 'from module import name' does (it loads what a lazy "
+             "package such as transformers loads for that name).",
     ).tag(config=True)
     watch_modules = List(
         Unicode(), default_value=[],
