@@ -148,7 +148,6 @@ class Workspace:
                                   stderr=None if not quiet else fh, text=True)
         if proc.returncode not in (0, 1):  # 1: some submission failed, reported per student below
             raise RuntimeError(f"the batch grader stopped with exit code {proc.returncode}; see {self.log}")
-        results = []
         for sub in submissions:
             journal = self.root / ".batch" / "journal" / sub.assignment / f"{sub.student}.json"
             try:
@@ -157,29 +156,29 @@ class Workspace:
                 entry = {"status": "missing", "error": "the batch grader wrote no result"}
             if entry.get("status") != "ok":
                 self.errors[sub.student] = str(entry.get("error") or entry.get("status"))
-            results.extend(read_scores(self.root / "gradebook.db", sub))
-        return results
+        return read_scores(self.root / "gradebook.db", submissions)
 
 
 TRUSTED_MARK = "# course_tools.grading: trusted notebooks, plain kernel"
 
 
-def read_scores(db_path: Path, sub: Submission) -> list[NotebookScore]:
-    """Autograded scores of one submission, per notebook and grade cell."""
+def read_scores(db_path: Path, submissions: list[Submission]) -> list[NotebookScore]:
+    """Autograded scores of the submissions, per notebook and grade cell (one gradebook session for all)."""
     from nbgrader.api import Gradebook, MissingEntry
 
     results = []
     with Gradebook(f"sqlite:///{db_path}") as gb:
-        for stem in sub.notebooks:
-            ns = NotebookScore(sub.student, sub.assignment, stem)
-            try:
-                nb = gb.find_submission_notebook(stem, sub.assignment, sub.student)
-            except MissingEntry:
+        for sub in submissions:
+            for stem in sub.notebooks:
+                ns = NotebookScore(sub.student, sub.assignment, stem)
+                try:
+                    nb = gb.find_submission_notebook(stem, sub.assignment, sub.student)
+                except MissingEntry:
+                    results.append(ns)
+                    continue
+                for g in nb.grades:
+                    ns.scores[g.name] = (g.auto_score, g.max_score)
                 results.append(ns)
-                continue
-            for g in nb.grades:
-                ns.scores[g.name] = (g.auto_score, g.max_score)
-            results.append(ns)
     return results
 
 
