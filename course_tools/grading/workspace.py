@@ -174,10 +174,9 @@ def read_scores(db_path: Path, submissions: list[Submission]) -> list[NotebookSc
                 try:
                     nb = gb.find_submission_notebook(stem, sub.assignment, sub.student)
                 except MissingEntry:
-                    results.append(ns)
-                    continue
-                for g in nb.grades:
-                    ns.scores[g.name] = (g.auto_score, g.max_score)
+                    pass  # not graded: no scores
+                else:
+                    ns.scores = {g.name: (g.auto_score, g.max_score) for g in nb.grades}
                 results.append(ns)
     return results
 
