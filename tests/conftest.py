@@ -8,7 +8,9 @@ Markers (``pytest -m NAME``; README "Running part of the suite"):
   course), ``adversarial``, ``browser``; ``package`` for the course's support package; ``grading`` for
   every test that runs real ``nbgrader autograde``.
 
-The session's grading fixture grades only the notebooks the selected tests ask about.
+The session's grading fixture grades only the notebooks the selected tests ask about. The slow session
+fixtures (this grading, ``nbgrader validate``, the adversarial batch) are computed in the background from
+the end of collection, while the other tests run; the tests that use them run last (``background``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import background
 import pytest
 
 from course_tools.grading.check import CourseReport, all_assignments, grade
@@ -85,6 +88,7 @@ def pytest_collection_modifyitems(config, items):
         for key, marker in PART_MARKERS.items():
             if key in parts:
                 item.add_marker(marker)
+    background.order_items(items)
 
 
 def selected_notebooks(items, fixture: str) -> set[tuple[str, str]] | None:
@@ -104,9 +108,14 @@ def selected_notebooks(items, fixture: str) -> set[tuple[str, str]] | None:
 
 
 def pytest_collection_finish(session):
-    """Which notebooks the grading and validation fixtures must run: those of the selected tests."""
+    """Which notebooks the grading and validation fixtures must run (those of the selected tests); start them."""
     session.config._course_notebooks = selected_notebooks(session.items, "course_report")
     session.config._validate_notebooks = selected_notebooks(session.items, "validate_reports")
+    background.start(session.config, session.items)
+
+
+def pytest_sessionfinish(session):
+    background.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +129,20 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="session")
-def course_report(request) -> CourseReport:
+@background.session_fixture(turn=3)
+def course_report(config):
     """Reference, release and mutants of the selected notebooks, graded by real nbgrader autograde."""
-    needed = getattr(request.config, "_course_notebooks", None)
+    needed = getattr(config, "_course_notebooks", None)
     assignments = all_assignments() if not needed else sorted({a for a, _ in needed})
     workdir = Path(tempfile.mkdtemp(prefix="course-harness-"))
-    report = grade(assignments, workdir, workers=int(os.environ.get("COURSE_WORKERS", "0")) or None,
-                   quiet=True, notebooks=needed or None)
-    _REPORT.append(report)
-    yield report
-    if not os.environ.get("COURSE_KEEP_WORKSPACE"):
-        shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        report = grade(assignments, workdir, workers=int(os.environ.get("COURSE_WORKERS", "0")) or None,
+                       quiet=True, notebooks=needed or None)
+        _REPORT.append(report)
+        yield report
+    finally:
+        if not os.environ.get("COURSE_KEEP_WORKSPACE"):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

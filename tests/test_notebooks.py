@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import background
 import pytest
 
 from course_tools.grading.check import all_assignments, release_differences
@@ -128,16 +129,16 @@ def _validate(path: Path, invert: bool) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="session")
-def validate_reports(request):
+@background.session_fixture(turn=1)
+def validate_reports(config):
     """``nbgrader validate`` on each selected source notebook and ``--invert`` on its release notebook."""
-    selected = getattr(request.config, "_validate_notebooks", None)
+    selected = getattr(config, "_validate_notebooks", None)
     wanted = [nb for nb in NOTEBOOKS if selected is None or nb in selected]
     jobs = [(a, n, SOURCE_DIR / a / f"{n}.ipynb", False) for a, n in wanted]
     jobs += [(a, n, RELEASE_DIR / a / f"{n}.ipynb", True) for a, n in wanted]
     with ThreadPoolExecutor(max_workers=VALIDATE_AT_ONCE) as pool:
         outs = list(pool.map(lambda j: _validate(j[2], j[3]), jobs))
-    return {(a, n, inv): out for (a, n, _, inv), out in zip(jobs, outs)}
+    yield {(a, n, inv): out for (a, n, _, inv), out in zip(jobs, outs)}
 
 
 @grading

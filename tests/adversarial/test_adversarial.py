@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import background
 import pytest
 from suite import BLANK, HONEST_FIRST, HONEST_LAST, MAX_POINTS, grade_both, load_attacks, outcome, student_of
 
@@ -17,15 +18,18 @@ pytestmark = pytest.mark.grading
 _RESULTS: list = []
 
 
-@pytest.fixture(scope="session")
-def adversarial():
+@background.session_fixture(turn=2)
+def adversarial(config):
+    """Every attack, and the honest and blank students around them, graded by the course and by stock nbgrader."""
     work = Path(tempfile.mkdtemp(prefix="course-adversarial-"))
     modes = ("course", "stock") if os.environ.get("COURSE_ADVERSARIAL_STOCK", "1") != "0" else ("course",)
-    results = grade_both(work, modes)
-    _RESULTS.append(results)
-    yield results
-    if not os.environ.get("COURSE_KEEP_WORKSPACE"):
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        results = grade_both(work, modes)
+        _RESULTS.append(results)
+        yield results
+    finally:
+        if not os.environ.get("COURSE_KEEP_WORKSPACE"):
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.parametrize("i,attack", [
