@@ -565,6 +565,45 @@ def test_a_reference_another_process_is_building_is_left_to_it(tmp_path):
     assert reference_runs(ref, folder, SandboxedExecute, c, wait=False) == built
 
 
+def test_cached_runs_are_parsed_once_per_process_each_caller_gets_its_own_copy_and_a_new_file_is_read(
+        tmp_path, monkeypatch):
+    """A worker asks for a notebook's reference runs three times per student: the cache file is parsed once,
+    every caller gets a copy of its own, and a file written again (another process rebuilt it) is read again."""
+    import json
+
+    from grading_engine.config import GradingEngine
+    from grading_engine.evidence import reference
+    from grading_engine.preprocessors.execute import SandboxedExecute
+    from traitlets.config import Config
+
+    c = Config()
+    c.GradingEngine.reference_cache = str(tmp_path / "cache")
+    c.GradingEngine.sandbox = False
+    ref = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("assert 1", metadata={"nbgrader": {
+        "grade_id": "t", "grade": True, "locked": True, "points": 1}})])
+    folder = tmp_path / "a"
+    folder.mkdir()
+    s = GradingEngine(config=c)
+    key = reference.cache_key(ref, folder, s.sandbox, s.threads, s.input_seed)
+    path = s.reference_cache_dir() / f"{key}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"key": key, "runs": [{"t": []}, {"t": []}], "seed": 0, "slices": {}}))
+    reads = []
+    loads = json.loads
+    monkeypatch.setattr(reference.json, "loads", lambda text, *a, **k: reads.append(1) or loads(text, *a, **k))
+
+    first = reference.reference_runs(ref, folder, SandboxedExecute, c)
+    first["runs"].clear()
+    again = reference.reference_runs(ref, folder, SandboxedExecute, c)
+    assert again["runs"] == [{"t": []}, {"t": []}] and again is not first
+    assert len(reads) == 1
+    rebuilt = path.with_suffix(".tmp")  # as the cache is written: a new file in the old one's place
+    rebuilt.write_text(json.dumps({"key": key, "runs": [{"t": []}, {"t": []}], "seed": 7, "slices": {}}))
+    os.replace(rebuilt, path)
+    assert reference.reference_runs(ref, folder, SandboxedExecute, c)["seed"] == 7
+    assert len(reads) == 2
+
+
 def test_the_gradebook_definition_is_read_again_once_the_gradebook_changes(tmp_path):
     """The notebook definition autograde's steps share is read once per state of the gradebook's file."""
     from grading_engine.evidence.reference import gradebook_notebook

@@ -26,10 +26,12 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import secrets
 import shutil
 import sys
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,6 +430,39 @@ def _say_whole(log, bad: dict) -> None:
                         "process", gid, why)
 
 
+# Runs read from the cache by this process: a worker grades the same notebooks for every student, and autograde
+# asks for them three times a notebook (a file of a long notebook's runs is tens of MB of JSON). Kept pickled, so
+# that each caller gets its own copy; looked up by the file's state, so that a file written again is read again.
+_REMEMBERED: OrderedDict[str, tuple[tuple, bytes]] = OrderedDict()
+REMEMBERED_FILES = 16  # at least the notebooks of one assignment, which a worker grades one after another
+
+
+def _file_state(path: Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remembered(path: Path) -> dict | None:
+    hit = _REMEMBERED.get(str(path))
+    if hit is None or hit[0] != _file_state(path):
+        return None
+    _REMEMBERED.move_to_end(str(path))
+    return pickle.loads(hit[1])
+
+
+def _remember(path: Path, runs: dict) -> None:
+    state = _file_state(path)
+    if state is None:
+        return
+    _REMEMBERED[str(path)] = (state, pickle.dumps(runs, protocol=pickle.HIGHEST_PROTOCOL))
+    _REMEMBERED.move_to_end(str(path))
+    while len(_REMEMBERED) > REMEMBERED_FILES:
+        _REMEMBERED.popitem(last=False)
+
+
 def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=None, log=None,
                    wait: bool = True) -> dict | None:
     """Evidence of runs A and B of the reference notebook, and the slices of its test cells (cached).
@@ -446,6 +481,9 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
     cdir = settings.reference_cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
     path = cdir / f"{key}.json"
+    known = _remembered(path)
+    if known is not None:
+        return known
     lock = open(cdir / f"{key}.lock", "w")
     try:
         try:
@@ -454,9 +492,12 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
             return None
         if path.exists():
             try:
-                return json.loads(path.read_text())
+                found = json.loads(path.read_text())
             except ValueError:
                 pass
+            else:
+                _remember(path, found)
+                return found
         if log is not None:
             log.info("integrity: running the reference notebook (twice, then its slices) to record its evidence")
         tainted = taint_of(ref)
@@ -511,6 +552,7 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
         tmp_path = path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(out))
         os.replace(tmp_path, path)
+        _remember(path, out)
         return out
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
