@@ -77,6 +77,12 @@ def _configure(c) -> None:
     c.Autograde.sanitize_preprocessors = [_switched(GuardSubmission)] + sanitize
     c.Autograde.autograde_preprocessors = autograde
     c.GenerateFeedback.preprocessors = feedback[:1] + [_switched(SanitizeFeedback)] + feedback[1:]
+    # nbconvert validates the whole notebook after every preprocessor (about 30 times a notebook in autograde's
+    # two passes, outputs and evidence included); once after the last of each pass catches the same invalid
+    # notebooks, before any student code runs (the first pass ends before Execute). A course's own setting wins.
+    if not any("optimistic_validation" in c[name] for name in ("Exporter", "TemplateExporter", "NotebookExporter")
+               if name in c):
+        c.Exporter.optimistic_validation = True
     previous = c.Autograde.get("pre_convert_hook") if "pre_convert_hook" in c.Autograde else None
     c.Autograde.pre_convert_hook = BeforeAutograde(c, chained=previous)
 

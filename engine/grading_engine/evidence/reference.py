@@ -550,8 +550,10 @@ def reference_runs(ref: NotebookNode, assignment_dir: Path, executor, config=Non
             slices = {}
         out["slices"] = slices
         tmp_path = path.with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(out))
+        text = json.dumps(out)
+        tmp_path.write_text(text)
         os.replace(tmp_path, path)
+        out = json.loads(text)  # as every later read gives it: plain JSON values, not notebook nodes
         _remember(path, out)
         return out
     finally:
