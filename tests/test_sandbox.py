@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -365,9 +366,14 @@ def test_importing_the_mounted_package_in_a_cell_is_not_reported(tmp_path, warm)
                          "except OSError:\n    pass")
         assert err is None, err
         readme = os.path.join(os.path.dirname(pkg), "README.md")
-        events = [e for e in k.audit_until(lambda evs: any(readme in e.get("p", ()) for e in evs)) if e.get("p")]
+        under_tmp = readme.startswith(tempfile.gettempdir().rstrip("/") + "/")  # /tmp's files are never reported
+        events = [e for e in (k.audit() if under_tmp else
+                              k.audit_until(lambda evs: any(readme in e.get("p", ()) for e in evs))) if e.get("p")]
         inside = [e for e in events if all(p == pkg or p.startswith(pkg + "/") for p in e["p"])]
         assert not inside, inside[:5]
+        if under_tmp:
+            pytest.skip(f"the package is installed under {tempfile.gettempdir()}, whose files a kernel may always "
+                        "read: that a file next to it is reported cannot be checked with this installation")
         assert [e["p"] for e in events] == [[readme]], events
     finally:
         k.close()
