@@ -4,8 +4,8 @@ The grading fixtures (the harness's real ``nbgrader autograde`` of every noteboo
 the adversarial batch) spend their time in subprocesses. Each is written as a pytest generator fixture
 (set-up, ``yield`` the value, tear-down) and declared with :func:`session_fixture`. From the end of
 collection, one thread computes, one after the other in the order of their ``turn``, those that the
-selected tests use, and the tests that use them run last, in that order too (``order_items``): every other test runs meanwhile, on the cores the fixture's
-subprocesses leave. One thread, not one per fixture, so that the machine is not crowded more than the
+selected tests use, and the tests that use them run last, in that order too (``order_items``): every
+other test runs meanwhile, on the cores the fixture's subprocesses leave. One thread, not one per fixture, so that the machine is not crowded more than the
 fixtures themselves crowd it (the suite's own timeouts, kernel start-up ones among them, assume that).
 
 A fixture the tests reach before its turn is computed at once in the test's own thread, as pytest would.
@@ -35,6 +35,12 @@ class _Job:
     value: object = None
     error: BaseException | None = None
     gen: Generator | None = None
+
+    def claim(self) -> bool:
+        """True for the one thread that is to compute it."""
+        with _LOCK:
+            mine, self.claimed = not self.claimed, True
+        return mine
 
     def compute(self, config: pytest.Config) -> None:
         try:
@@ -79,10 +85,7 @@ def _declare(setup: Setup, turn: int):
     @pytest.fixture(scope="session", name=name)
     def fixture(request):
         job = _JOBS[name]
-        with _LOCK:
-            mine = not job.claimed
-            job.claimed = True
-        if mine:
+        if job.claim():
             job.compute(request.config)
         job.done.wait()
         if job.error is not None:
@@ -102,11 +105,14 @@ def wanted(items) -> list[str]:
     return [name for name in _ordered() if name in used]
 
 
-def order_items(items) -> None:
-    """Tests that use a background fixture run last, in the order the fixtures are computed (stable)."""
+def order_items(items, alone: tuple[str, ...] = ()) -> None:
+    """Tests that use a background fixture run last, in the order the fixtures are computed (stable); tests
+    with a marker of ``alone`` after them, once the background work is done."""
     rank = {name: i + 1 for i, name in enumerate(_ordered())}
 
     def key(item) -> int:
+        if any(item.get_closest_marker(m) for m in alone):
+            return len(rank) + 1
         return max((rank[n] for n in getattr(item, "fixturenames", ()) if n in rank), default=0)
 
     items.sort(key=key)
@@ -121,12 +127,8 @@ def start(config: pytest.Config, items) -> None:
 
     def run() -> None:
         for name in names:
-            job = _JOBS[name]
-            with _LOCK:
-                if job.claimed:
-                    continue
-                job.claimed = True
-            job.compute(config)
+            if _JOBS[name].claim():
+                _JOBS[name].compute(config)
 
     _THREAD = threading.Thread(target=run, name="background fixtures", daemon=True)
     _THREAD.start()
@@ -137,18 +139,14 @@ def stop() -> None:
     if _THREAD is not None and _THREAD.is_alive():
         import psutil
 
-        procs = psutil.Process().children(recursive=True)
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        for p in psutil.Process().children(recursive=True):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        for signal_them in ("terminate", "kill"):  # SIGKILL for what SIGTERM left after 10 s
+            procs = psutil.Process().children(recursive=True)
+            for p in procs:
+                try:
+                    getattr(p, signal_them)()
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(procs, timeout=10)
         _THREAD.join(timeout=30)
     for job in _JOBS.values():
         if job.done.is_set():

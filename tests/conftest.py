@@ -88,9 +88,8 @@ def pytest_collection_modifyitems(config, items):
         for key, marker in PART_MARKERS.items():
             if key in parts:
                 item.add_marker(marker)
-    background.order_items(items)
     # the browser test's page waits run once the background fixtures are done, not against them for the cores
-    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+    background.order_items(items, alone=("browser",))
 
 
 def selected_notebooks(items, fixture: str) -> set[tuple[str, str]] | None:

@@ -80,7 +80,7 @@ def _configure(c) -> None:
     # nbconvert validates the whole notebook after every preprocessor (about 30 times a notebook in autograde's
     # two passes, outputs and evidence included); once after the last of each pass catches the same invalid
     # notebooks, before any student code runs (the first pass ends before Execute). A course's own setting wins.
-    if not any("optimistic_validation" in c[name] for name in ("Exporter", "TemplateExporter", "NotebookExporter")
+    if not any("optimistic_validation" in c[name] for name in ("Exporter", "NotebookExporter")
                if name in c):
         c.Exporter.optimistic_validation = True
     previous = c.Autograde.get("pre_convert_hook") if "pre_convert_hook" in c.Autograde else None

@@ -108,17 +108,18 @@ def _sqlite_state(db_url: str) -> tuple | None:
     for any other database."""
     if not db_url.startswith("sqlite:///") or db_url == "sqlite:///:memory:":
         return None
-    path = db_url[len("sqlite:///"):]
+    path = Path(db_url[len("sqlite:///"):])
+    state = _file_state(path)
+    return None if state is None else (*state, _file_state(path.with_name(path.name + "-wal")))
+
+
+def _file_state(path: Path) -> tuple | None:
+    """(inode, size, mtime) of a file; None if it is missing."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    try:
-        wal = os.stat(path + "-wal")
-        wal_state = (wal.st_ino, wal.st_size, wal.st_mtime_ns)
-    except OSError:
-        wal_state = None
-    return st.st_ino, st.st_size, st.st_mtime_ns, wal_state
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=32)
@@ -435,14 +436,6 @@ def _say_whole(log, bad: dict) -> None:
 # that each caller gets its own copy; looked up by the file's state, so that a file written again is read again.
 _REMEMBERED: OrderedDict[str, tuple[tuple, bytes]] = OrderedDict()
 REMEMBERED_FILES = 16  # at least the notebooks of one assignment, which a worker grades one after another
-
-
-def _file_state(path: Path) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _remembered(path: Path) -> dict | None:

@@ -177,9 +177,11 @@ def run_checks(nproc: int = 64, memory_mb: int = 1024, bwrap: str | None = None,
             checks.append(Check("interrupts reach the kernel", "interrupted" in out,
                                 f"after {time.perf_counter() - t0:.1f} s"))
             k.run("try:\n    open('/srv/course-sandbox-probe')\nexcept OSError:\n    pass")
-            events = k.audit_until(lambda evs: any(e.get("e") == "open" for e in evs))
-            checks.append(Check("audit events leave the kernel", any(e.get("e") == "open" for e in events),
-                                f"{len(events)} events"))
+            def opened(evs: list[dict]) -> bool:
+                return any(e.get("e") == "open" for e in evs)
+
+            events = k.audit_until(opened)
+            checks.append(Check("audit events leave the kernel", opened(events), f"{len(events)} events"))
             cold = [e["a"][0] for e in k.audit() if e.get("e") == "sandbox.cold"]
             if warm:
                 checks.append(Check("forked by the warm server", not cold, cold[0] if cold else "yes"))
