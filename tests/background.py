@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
@@ -35,6 +36,10 @@ class _Job:
     value: object = None
     error: BaseException | None = None
     gen: Generator | None = None
+    began: float | None = None  # time.monotonic() of the set-up's start and end
+    ended: float | None = None
+    asked: float | None = None  # when the first test that uses it asked for it
+    thread: str = ""
 
     def claim(self) -> bool:
         """True for the one thread that is to compute it."""
@@ -43,12 +48,14 @@ class _Job:
         return mine
 
     def compute(self, config: pytest.Config) -> None:
+        self.began, self.thread = time.monotonic(), threading.current_thread().name
         try:
             self.gen = self.setup(config)
             self.value = next(self.gen)
         except BaseException as exc:  # reported to the tests that use the fixture
             self.error = exc
         finally:
+            self.ended = time.monotonic()
             self.done.set()
 
     def teardown(self) -> None:
@@ -65,6 +72,7 @@ class _Job:
 _JOBS: dict[str, _Job] = {}
 _LOCK = threading.Lock()
 _THREAD: threading.Thread | None = None
+_STARTED: list[float] = []  # when start() was called
 
 
 def session_fixture(turn: int):
@@ -85,6 +93,8 @@ def _declare(setup: Setup, turn: int):
     @pytest.fixture(scope="session", name=name)
     def fixture(request):
         job = _JOBS[name]
+        if job.asked is None:
+            job.asked = time.monotonic()
         if job.claim():
             job.compute(request.config)
         job.done.wait()
@@ -121,6 +131,7 @@ def order_items(items, alone: tuple[str, ...] = ()) -> None:
 def start(config: pytest.Config, items) -> None:
     """Compute the background fixtures the selected tests use, one after the other, in one thread."""
     global _THREAD
+    _STARTED[:] = [time.monotonic()]
     names = wanted(items)
     if not names or config.option.collectonly or os.environ.get("COURSE_NO_BACKGROUND"):
         return
@@ -132,6 +143,26 @@ def start(config: pytest.Config, items) -> None:
 
     _THREAD = threading.Thread(target=run, name="background fixtures", daemon=True)
     _THREAD.start()
+
+
+def timeline() -> list[str]:
+    """One line per background fixture computed: when its set-up ran (seconds from the end of collection),
+    in which thread, and how long the first test that used it waited for it (the time the rest of the
+    suite did not cover)."""
+    if not _STARTED:
+        return []
+    t0 = _STARTED[0]
+    lines = []
+    for name in _ordered():
+        job = _JOBS[name]
+        if job.began is None:
+            continue
+        end = f"{job.ended - t0:6.0f}" if job.ended is not None else "   ..."
+        took = f"{job.ended - job.began:5.0f} s" if job.ended is not None else "running"
+        waited = ("not used" if job.asked is None
+                  else f"first test waited {max(0.0, (job.ended or time.monotonic()) - job.asked):.0f} s")
+        lines.append(f"{name:<18} {job.began - t0:6.0f} -> {end} s  ({took}, {job.thread}; {waited})")
+    return lines
 
 
 def stop() -> None:

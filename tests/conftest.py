@@ -147,6 +147,11 @@ def course_report(config):
 
 
 def pytest_terminal_summary(terminalreporter):
+    lines = background.timeline()
+    if lines:
+        terminalreporter.section("background fixtures (seconds from the end of collection)")
+        for line in lines:
+            terminalreporter.write_line(line)
     for report in _REPORT:
         terminalreporter.section("grading report: reference, release and mutants per notebook")
         terminalreporter.write_line(report.render())

@@ -46,6 +46,8 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     background.stop()
     print("EVENTS", EVENTS)
+    for line in background.timeline():
+        print("TIMELINE", line)
 """
 
 TESTS_FILE = """
@@ -86,6 +88,9 @@ def test_users_run_last_in_turn_order_and_each_fixture_is_set_up_once_in_the_bac
     assert events == ["quick set up in background fixtures", "slow set up in background fixtures",
                       "slow torn down", "quick torn down"], out  # pytest's order: the last set up goes first
     assert "4 passed" in out, out
+    timeline = re.findall(r"TIMELINE (\w+) +(\d+) -> +(\d+) s +\( *(\d+) s, background fixtures; first test waited", out)
+    assert [t[0] for t in timeline] == ["quick", "slow"], out
+    assert int(timeline[1][3]) == 1 and int(timeline[1][2]) >= 1, out  # slow's set-up sleeps 1 s
 
 
 def test_a_run_that_stops_early_tears_down_what_the_background_set_up(tmp_path):

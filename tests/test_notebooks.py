@@ -9,6 +9,8 @@ mutant in tests/mutants/.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -114,19 +116,35 @@ def test_mutant_loses_points(course_report, mutant):
 
 
 VALIDATE_AT_ONCE = 2  # nbgrader validate runs, each with its own kernel
+_VALIDATING = re.compile(r"^\[ValidateApp \| INFO\] Validating '(.+)'$", re.M)
 
 
-def _validate(path: Path, invert: bool) -> str:
-    """``nbgrader validate`` as a student runs it (the ordinary kernel, no course configuration).
+def _validate_all(paths: list[Path], invert: bool) -> dict[Path, str]:
+    """``nbgrader validate`` as a student runs it (the ordinary kernel, no course configuration), on
+    several notebooks in one run (nbgrader's start-up paid once): each notebook's part of the output,
+    which starts at nbgrader's "Validating" line. A notebook whose part is missing (the run stopped
+    early) is validated again on its own.
 
     The runs at once share the cores: each kernel's numerical libraries get their share of threads,
     as the batch grader's kernels do (``grading_engine.batch.worker.share_cores``)."""
     from grading_engine.batch.worker import THREAD_VARIABLES, threads_per_kernel
 
-    env = {**clean_env(), **dict.fromkeys(THREAD_VARIABLES, str(threads_per_kernel(VALIDATE_AT_ONCE)))}
-    args = [sys.executable, "-m", "nbgrader", "validate", str(path)] + (["--invert"] if invert else [])
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=path.parent)
-    return proc.stdout + proc.stderr
+    if not paths:
+        return {}
+    env = {**clean_env(), **dict.fromkeys(THREAD_VARIABLES, str(threads_per_kernel(VALIDATE_AT_ONCE))),
+           "PYTHONUNBUFFERED": "1"}  # nbgrader's log (stderr) and its report (stdout) in the order written
+    args = [sys.executable, "-m", "nbgrader", "validate", *map(str, paths)] + (["--invert"] if invert else [])
+    proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=paths[0].parent)
+    starts = [(m.start(), Path(m.group(1))) for m in _VALIDATING.finditer(proc.stdout)]
+    parts = {path: proc.stdout[at:nxt] for (at, path), nxt in zip(starts, [s for s, _ in starts[1:]] + [None])}
+    out = {}
+    for path in paths:
+        part = parts.get(Path(os.path.abspath(path)))
+        if part is None:  # the run stopped before this notebook (or nbgrader failed before any)
+            part = proc.stdout if len(paths) == 1 else _validate_all([path], invert)[path]
+        out[path] = part
+    return out
 
 
 @background.session_fixture(turn=1)
@@ -134,11 +152,11 @@ def validate_reports(config):
     """``nbgrader validate`` on each selected source notebook and ``--invert`` on its release notebook."""
     selected = getattr(config, "_validate_notebooks", None)
     wanted = [nb for nb in NOTEBOOKS if selected is None or nb in selected]
-    jobs = [(a, n, SOURCE_DIR / a / f"{n}.ipynb", False) for a, n in wanted]
-    jobs += [(a, n, RELEASE_DIR / a / f"{n}.ipynb", True) for a, n in wanted]
+    groups = [([SOURCE_DIR / a / f"{n}.ipynb" for a, n in wanted], False),
+              ([RELEASE_DIR / a / f"{n}.ipynb" for a, n in wanted], True)]
     with ThreadPoolExecutor(max_workers=VALIDATE_AT_ONCE) as pool:
-        outs = list(pool.map(lambda j: _validate(j[2], j[3]), jobs))
-    yield {(a, n, inv): out for (a, n, _, inv), out in zip(jobs, outs)}
+        outs = list(pool.map(lambda g: _validate_all(*g), groups))
+    yield {(a, n, inv): out[path] for (paths, inv), out in zip(groups, outs) for (a, n), path in zip(wanted, paths)}
 
 
 @grading

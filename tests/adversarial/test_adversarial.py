@@ -1,6 +1,8 @@
 """Attacks on grading (attacks.toml), graded by real nbgrader autograde: the course's configuration must
 give no attack a point it did not earn, flag it, finish the batch, keep other students' grades and the
-instructor's files as they were. The same batch graded by stock nbgrader is reported beside it."""
+instructor's files as they were. With ``COURSE_ADVERSARIAL_STOCK=1`` the same batch graded by stock
+nbgrader is reported beside it (``python tests/adversarial/suite.py`` grades and prints both columns): no
+test reads that column, which costs about 95 s of one core."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ _RESULTS: list = []
 
 @background.session_fixture(turn=2)
 def adversarial(config):
-    """Every attack, and the honest and blank students around them, graded by the course and by stock nbgrader."""
+    """Every attack, and the honest and blank students around them, graded by the course (and by stock
+    nbgrader with ``COURSE_ADVERSARIAL_STOCK=1``)."""
     work = Path(tempfile.mkdtemp(prefix="course-adversarial-"))
-    modes = ("course", "stock") if os.environ.get("COURSE_ADVERSARIAL_STOCK", "1") != "0" else ("course",)
+    modes = ("course", "stock") if os.environ.get("COURSE_ADVERSARIAL_STOCK", "0") == "1" else ("course",)
     try:
         results = grade_both(work, modes)
         _RESULTS.append(results)

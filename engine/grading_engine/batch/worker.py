@@ -89,7 +89,10 @@ def main() -> int:
         _reap_orphans()
         proto.write(json.dumps(result) + "\n")
         if profile is not None:
-            profile.dump_stats(profile.path)  # this stops the profiler: go on profiling the next job
+            # this stops the profiler (go on profiling the next job); written aside and renamed, so that
+            # a worker stopped while it writes leaves the previous job's whole file
+            profile.dump_stats(profile.path + ".part")
+            os.replace(profile.path + ".part", profile.path)
             profile.enable()
     kernels.shutdown()
     return 0
