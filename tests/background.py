@@ -5,8 +5,15 @@ the adversarial batch) spend their time in subprocesses. Each is written as a py
 (set-up, ``yield`` the value, tear-down) and declared with :func:`session_fixture`. From the end of
 collection, one thread computes, one after the other in the order of their ``turn``, those that the
 selected tests use, and the tests that use them run last, in that order too (``order_items``): every
-other test runs meanwhile, on the cores the fixture's subprocesses leave. One thread, not one per fixture, so that the machine is not crowded more than the
-fixtures themselves crowd it (the suite's own timeouts, kernel start-up ones among them, assume that).
+other test runs meanwhile, on the cores the fixture's subprocesses leave. One thread, not one per
+fixture, so that the machine is not crowded more than the fixtures themselves crowd it (the suite's own
+timeouts, kernel start-up ones among them, assume that).
+
+The background fixtures are the suite's critical path: the other tests are done long before them. Once the
+thread has started, the main thread lowers its own priority (``nice`` +:data:`FOREGROUND_NICE`, Linux: per
+thread, inherited by the processes it starts; ``COURSE_FOREGROUND_NICE`` sets it, 0 switches it off), so
+that the other tests take the cycles the fixtures leave rather than slow them down. Nothing is ever
+raised again, which an unprivileged process could not do; alone on the machine a niced process runs as fast.
 
 A fixture the tests reach before its turn is computed at once in the test's own thread, as pytest would.
 A run that ends before every fixture was used (``-x``, Ctrl-C) stops the thread's subprocesses and tears
@@ -16,6 +23,7 @@ down what was set up.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -73,6 +81,7 @@ _JOBS: dict[str, _Job] = {}
 _LOCK = threading.Lock()
 _THREAD: threading.Thread | None = None
 _STARTED: list[float] = []  # when start() was called
+FOREGROUND_NICE = 5
 
 
 def session_fixture(turn: int):
@@ -143,6 +152,9 @@ def start(config: pytest.Config, items) -> None:
 
     _THREAD = threading.Thread(target=run, name="background fixtures", daemon=True)
     _THREAD.start()
+    nice = int(os.environ.get("COURSE_FOREGROUND_NICE", FOREGROUND_NICE))
+    if nice > 0 and sys.platform.startswith("linux"):
+        os.nice(nice)  # this thread only: the background thread keeps the priority it was started with
 
 
 def timeline() -> list[str]:
