@@ -80,7 +80,7 @@ class _Job:
 _JOBS: dict[str, _Job] = {}
 _LOCK = threading.Lock()
 _THREAD: threading.Thread | None = None
-_STARTED: list[float] = []  # when start() was called
+_STARTED: float | None = None  # time.monotonic() when start() was called
 FOREGROUND_NICE = 5
 
 
@@ -139,8 +139,8 @@ def order_items(items, alone: tuple[str, ...] = ()) -> None:
 
 def start(config: pytest.Config, items) -> None:
     """Compute the background fixtures the selected tests use, one after the other, in one thread."""
-    global _THREAD
-    _STARTED[:] = [time.monotonic()]
+    global _THREAD, _STARTED
+    _STARTED = time.monotonic()
     names = wanted(items)
     if not names or config.option.collectonly or os.environ.get("COURSE_NO_BACKGROUND"):
         return
@@ -161,9 +161,9 @@ def timeline() -> list[str]:
     """One line per background fixture computed: when its set-up ran (seconds from the end of collection),
     in which thread, and how long the first test that used it waited for it (the time the rest of the
     suite did not cover)."""
-    if not _STARTED:
+    if _STARTED is None:
         return []
-    t0 = _STARTED[0]
+    t0 = _STARTED
     lines = []
     for name in _ordered():
         job = _JOBS[name]
